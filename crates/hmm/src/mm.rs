@@ -1,0 +1,800 @@
+//! The process address space: one [`Mm`] per process (`mm_struct` plus
+//! `mmu_notifier_get`), owning the userfaultfd, its service thread and the
+//! interval-notifier tree.
+//!
+//! # Where invalidations come from
+//! The kernel calls `invalidate_range_start` from inside every page-table
+//! change. Userspace learns of changes through userfaultfd's non-cooperative
+//! events, which the service thread turns into invalidations with the kernel's
+//! event kinds:
+//!
+//! | event | caller | invalidation |
+//! |---|---|---|
+//! | `REMOVE` | `madvise(MADV_DONTNEED/REMOVE)` | [`Event::Clear`] |
+//! | `UNMAP` | `munmap`, `mmap(MAP_FIXED)` over a range | [`Event::Unmap`] |
+//! | `REMAP` | `mremap` | [`Event::Unmap`] of the old range |
+//!
+//! Library operations invalidate *before* they act: [`Mm::protect`] sends
+//! [`Event::ProtectionVma`] around its `mprotect`, and releasing the `Mm`
+//! sends [`Event::Release`].
+//!
+//! # Fork
+//! `fork` write-protects every private writable page for copy-on-write. The
+//! kernel brackets that with `invalidate_range_start/end(PROTECTION_PAGE)`;
+//! here `pthread_atfork` handlers do the same: the prepare handler starts an
+//! [`Event::ProtectionPage`] invalidation of every registered private
+//! writable range, and the parent handler ends it once `fork` has returned,
+//! so no device fault can install a writable entry in between.
+//!
+//! userfaultfd's own `UFFD_EVENT_FORK` is deliberately not used: glibc's
+//! `fork` holds the malloc arena locks while the kernel makes the forking
+//! thread wait for the monitor to read that event, so a service thread that
+//! allocates while handling an earlier event deadlocks with it (observed on
+//! 6.18 with glibc 2.36).
+//!
+//! # Registration
+//! Events arrive only for ranges registered with the userfaultfd. Every range
+//! a device faults through [`Mm::range_fault`](crate::range) is registered in
+//! write-protect mode first (which costs nothing until a page is
+//! write-protected and delivers exactly the events above), so a device can
+//! only ever map what the `Mm` hears about. Mappings userfaultfd cannot
+//! register (regular-file mappings) are still snapshotted and faulted, but
+//! mirrored without invalidation events: [`Mm::is_registered`] tells which.
+//!
+//! # Lifetime
+//! [`Mm`] handles are counted; dropping the last one (or calling
+//! [`Mm::release`]) sends `Release` to every notifier, unregisters every
+//! range, stops the service thread and closes the userfaultfd. Later calls on
+//! any handle of it return [`Error::Released`]. Notifier handles stay usable
+//! (their `read_begin` never blocks on a released `Mm`), as the kernel's stay
+//! valid after `exit_mmap`. After `fork` the child's [`Mm::get`] builds a new
+//! `Mm`; the parent's handles copied into the child report `Released` there.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::thread::{JoinHandle, ThreadId};
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::io::Errno;
+use tracing::{debug, warn};
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::error::{Error, Result};
+use crate::notifier::{Event, IntervalNotifier, IntervalNotifierOps, NotifierRange, Subscriptions};
+use crate::os::mm::Prot;
+use crate::os::pagemap::{Category, Pagemap, ScanFilter};
+use crate::os::procmap::{ProcMaps, VmaFlags};
+use crate::os::uffd::{Features, Message, RegisterMode, Uffd};
+use crate::rangeset::RangeSet;
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
+
+/// userfaultfd features the library cannot work without, with what each is for.
+pub const REQUIRED_FEATURES: &[(Features, &str)] = &[
+    (
+        Features::EVENT_REMOVE,
+        "madvise(MADV_DONTNEED) invalidations",
+    ),
+    (Features::EVENT_UNMAP, "munmap invalidations"),
+    (Features::EVENT_REMAP, "mremap invalidations"),
+    (Features::THREAD_ID, "fault attribution"),
+];
+
+/// userfaultfd features used where the kernel has them.
+pub const OPTIONAL_FEATURES: Features = Features::MOVE
+    .union(Features::WP_UNPOPULATED)
+    .union(Features::WP_HUGETLBFS_SHMEM)
+    .union(Features::MISSING_SHMEM)
+    .union(Features::MISSING_HUGETLBFS)
+    .union(Features::PAGEFAULT_FLAG_WP);
+
+/// Counters of the service thread, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmStats {
+    /// `REMOVE` events handled.
+    pub removes: u64,
+    /// `UNMAP` events handled.
+    pub unmaps: u64,
+    /// `REMAP` events handled.
+    pub remaps: u64,
+    /// `FORK` events handled.
+    pub forks: u64,
+    /// Page faults served.
+    pub faults: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    removes: AtomicU64,
+    unmaps: AtomicU64,
+    remaps: AtomicU64,
+    forks: AtomicU64,
+    faults: AtomicU64,
+}
+
+/// Excludes forks from range-fault walks, as the mmap lock does in the kernel
+/// (`hmm_range_fault` holds it for reading, `fork` takes it for writing).
+/// Without it, a `PROCMAP_QUERY` racing `fork` on 6.18 can miss the VMA
+/// covering an address while `dup_mmap` holds the VMAs write-locked.
+#[derive(Debug, Default)]
+pub(crate) struct ForkGate {
+    state: std::sync::Mutex<(u32, bool)>,
+    cv: std::sync::Condvar,
+}
+
+/// A walk in progress; the gate reopens to forks when the last one drops.
+#[derive(Debug)]
+pub(crate) struct WalkGuard<'a>(&'a ForkGate);
+
+impl ForkGate {
+    /// Enters a walk, waiting while a fork is in progress.
+    pub(crate) fn walk(&self) -> WalkGuard<'_> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.1 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.0 += 1;
+        WalkGuard(self)
+    }
+
+    /// Closes the gate for a fork and waits for walks in progress to end.
+    fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 = true;
+        while st.0 > 0 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Reopens the gate after the fork.
+    fn open(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for WalkGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 -= 1;
+        drop(st);
+        self.0.cv.notify_all();
+    }
+}
+
+/// Options for creating the process's [`Mm`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmOptions {
+    /// Pin the service thread to this CPU.
+    pub service_cpu: Option<usize>,
+}
+
+/// The state shared by the handles and the service thread.
+#[derive(Debug)]
+pub(crate) struct MmCore {
+    pid: u32,
+    pub(crate) uffd: Uffd,
+    pub(crate) subs: Arc<Subscriptions>,
+    pub(crate) pagemap: Pagemap,
+    pub(crate) maps: ProcMaps,
+    /// The PFN reported for the shared zero page (see [`Mm::zero_pfn`]).
+    pub(crate) zero_pfn: u64,
+    /// Range-fault walks versus forks.
+    pub(crate) fork_gate: ForkGate,
+    /// Ranges registered with `uffd` (write-protect mode at least).
+    registered: Mutex<RangeSet>,
+    /// Private ranges whose pages may be shared copy-on-write with a child
+    /// since a fork, so a present page there is not known to be writable.
+    pub(crate) fork_shared: Mutex<RangeSet>,
+    released: AtomicBool,
+    stop: OwnedFd,
+    service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
+    counters: Counters,
+}
+
+/// A handle on the process's address space. Cloning is cheap; the last handle
+/// dropped releases it.
+#[derive(Clone, Debug)]
+pub struct Mm {
+    handle: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    core: Arc<MmCore>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.core.release();
+    }
+}
+
+/// The process's current `Mm`, by pid so that a forked child builds its own.
+static CURRENT: StdMutex<Current> = StdMutex::new(None);
+
+/// The process's current `Mm`: its pid and a weak reference to its handle.
+type Current = Option<(u32, Weak<Handle>)>;
+
+thread_local! {
+    /// `CURRENT`, held by the forking thread from `prepare` to `parent`/`child`.
+    static HELD_ACROSS_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Current>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+thread_local! {
+    /// The invalidations the prepare handler started, ended by the parent handler.
+    static FORK_BRACKET: std::cell::RefCell<Option<(Arc<Handle>, Vec<NotifierRange>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before `fork` (and before glibc takes its own locks): start the
+/// `ProtectionPage` invalidations of the current `Mm`, then hold `CURRENT`.
+extern "C" fn fork_prepare() {
+    let handle = {
+        let cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref()
+            .filter(|(p, _)| *p == pid())
+            .and_then(|(_, w)| w.upgrade())
+    };
+    if let Some(handle) = handle {
+        let started = handle.core.fork_begin();
+        handle.core.fork_gate.close();
+        FORK_BRACKET.with(|b| *b.borrow_mut() = Some((handle, started)));
+    }
+    let guard = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    HELD_ACROSS_FORK.with(|h| *h.borrow_mut() = Some(guard));
+}
+
+/// After `fork` in the parent: the page tables are copied and write-protected;
+/// end the invalidations.
+extern "C" fn fork_parent() {
+    HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
+    if let Some((handle, started)) = FORK_BRACKET.with(|b| b.borrow_mut().take()) {
+        handle.core.fork_gate.open();
+        for nr in &started {
+            handle.core.subs.invalidate_range_end(nr);
+        }
+    }
+}
+
+/// After `fork` in the child: the parent's `Mm` is not ours; drop nothing of it.
+extern "C" fn fork_child() {
+    HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
+    if let Some((handle, _started)) = FORK_BRACKET.with(|b| b.borrow_mut().take()) {
+        // Releasing it here would act on the parent's userfaultfd.
+        std::mem::forget(handle);
+    }
+}
+
+/// Installs the fork handlers once.
+///
+/// Not a `Once`: a child forked while another thread runs `call_once` would
+/// inherit it running and wait forever. An atomic flag never waits.
+fn install_fork_handlers() {
+    static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !INSTALLED.swap(true, std::sync::atomic::Ordering::AcqRel)
+        && let Err(e) = crate::os::process::atfork(fork_prepare, fork_parent, fork_child)
+    {
+        warn!("pthread_atfork: {e}");
+    }
+}
+
+fn pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+impl Mm {
+    /// The process's address space: the same `Mm` while any handle lives,
+    /// a new one in a forked child.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] naming the missing piece when userfaultfd (or a
+    /// required feature of it), `PAGEMAP_SCAN` or `PROCMAP_QUERY` is not
+    /// available, with how to fix it; [`Error::Os`] for other failures.
+    pub fn get() -> Result<Mm> {
+        Self::get_with(MmOptions::default())
+    }
+
+    /// As [`Mm::get`], with options that apply if a new `Mm` is created.
+    ///
+    /// # Errors
+    /// As [`Mm::get`].
+    pub fn get_with(options: MmOptions) -> Result<Mm> {
+        install_fork_handlers();
+        let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        let me = pid();
+        if let Some((p, weak)) = cur.as_ref()
+            && *p == me
+            && let Some(handle) = weak.upgrade()
+        {
+            return Ok(Mm { handle });
+        }
+        let core = MmCore::new(me, options)?;
+        let handle = Arc::new(Handle { core });
+        *cur = Some((me, Arc::downgrade(&handle)));
+        Ok(Mm { handle })
+    }
+
+    pub(crate) fn core(&self) -> Result<&Arc<MmCore>> {
+        let core = &self.handle.core;
+        if core.released.load(Ordering::Acquire) || core.pid != pid() {
+            return Err(Error::Released);
+        }
+        Ok(core)
+    }
+
+    /// Inserts an interval notifier over `[start, start + length)`
+    /// (`mmu_interval_notifier_insert`).
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] for an empty or overflowing interval,
+    /// [`Error::Released`] after release.
+    pub fn interval_notifier_insert(
+        &self,
+        start: VirtAddr,
+        length: u64,
+        ops: Arc<dyn IntervalNotifierOps>,
+    ) -> Result<IntervalNotifier> {
+        self.core()?.subs.insert(start, length, ops)
+    }
+
+    /// The notifier tree, for callers that drive invalidations themselves.
+    ///
+    /// # Errors
+    /// [`Error::Released`] after release.
+    pub fn subscriptions(&self) -> Result<Arc<Subscriptions>> {
+        Ok(self.core()?.subs.clone())
+    }
+
+    /// Registers the userfaultfd-capable mappings of `range` so that changes to
+    /// them are heard (done automatically by the range fault).
+    ///
+    /// # Errors
+    /// [`Error::Released`], or the `Errno` of a failed registration other than
+    /// an unregistrable mapping.
+    pub fn register(&self, range: VaRange) -> Result<()> {
+        self.core()?.ensure_registered(range)
+    }
+
+    /// Whether every byte of `range` is mapped and registered with this
+    /// address space's userfaultfd, so that its changes raise invalidations.
+    /// Asks the kernel (`/proc/self/smaps`), so it is slow: for tests and
+    /// diagnostics.
+    ///
+    /// # Errors
+    /// [`Error::Released`] after release; [`Error::Os`] when smaps cannot be read.
+    pub fn is_registered(&self, range: VaRange) -> Result<bool> {
+        self.core()?;
+        let vmas = crate::os::procmap::uffd_registration(range).map_err(|e| {
+            Error::os(
+                "read /proc/self/smaps",
+                Errno::from_io_error(&e).unwrap_or(Errno::IO),
+            )
+        })?;
+        let mut cur = range.start();
+        for (start, end, wp, _) in vmas {
+            if start > cur || !wp {
+                return Ok(false);
+            }
+            cur = end;
+        }
+        Ok(cur >= range.end())
+    }
+
+    /// Changes the protection of `range` the notifying way: an
+    /// [`Event::ProtectionVma`] invalidation brackets the `mprotect`, so a
+    /// device never keeps a permission the CPU lost.
+    ///
+    /// # Errors
+    /// [`Error::Released`]; the `Errno` of `mprotect(2)` as [`Error::Os`].
+    pub fn protect(&self, range: VaRange, prot: Prot) -> Result<()> {
+        let core = self.core()?;
+        let nr = NotifierRange {
+            start: range.start(),
+            end: range.end(),
+            event: Event::ProtectionVma,
+            blockable: true,
+            owner: None,
+        };
+        core.subs.invalidate_range_start(&nr)?;
+        let res = crate::os::mm::mprotect(range, prot).map_err(|e| Error::os("mprotect", e));
+        core.subs.invalidate_range_end(&nr);
+        res
+    }
+
+    /// The service thread's counters.
+    pub fn stats(&self) -> MmStats {
+        let c = &self.handle.core.counters;
+        MmStats {
+            removes: c.removes.load(Ordering::Relaxed),
+            unmaps: c.unmaps.load(Ordering::Relaxed),
+            remaps: c.remaps.load(Ordering::Relaxed),
+            forks: c.forks.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The PFN the range fault reports for the shared zero page: the real one
+    /// for root, [`ZERO_PFN_SENTINEL`] otherwise. Reported even when PFN
+    /// lookup is off, so a device can always tell the zero page (`is_zero_pfn`).
+    pub fn zero_pfn(&self) -> crate::addr::Pfn {
+        crate::addr::Pfn(self.handle.core.zero_pfn)
+    }
+
+    /// The userfaultfd features in use.
+    pub fn features(&self) -> Features {
+        self.handle.core.uffd.features()
+    }
+
+    /// Releases the address space now, as dropping the last handle would.
+    /// Idempotent.
+    pub fn release(&self) {
+        self.handle.core.release();
+    }
+
+    /// Whether the address space was released.
+    pub fn is_released(&self) -> bool {
+        self.core().is_err()
+    }
+
+    /// Whether two handles refer to the same address space.
+    pub fn same(&self, other: &Mm) -> bool {
+        Arc::ptr_eq(&self.handle, &other.handle)
+    }
+}
+
+fn unsupported_uffd(e: Errno) -> Error {
+    match e {
+        Errno::PERM | Errno::ACCESS => Error::Unsupported {
+            feature: "userfaultfd",
+            hint: "the kernel refuses userfaultfd to this user: run as root (or with \
+                   CAP_SYS_PTRACE), or allow it with `sysctl -w vm.unprivileged_userfaultfd=1`",
+        },
+        Errno::NOSYS => Error::Unsupported {
+            feature: "userfaultfd",
+            hint: "the kernel was built without CONFIG_USERFAULTFD",
+        },
+        e => Error::os("userfaultfd", e),
+    }
+}
+
+impl MmCore {
+    fn new(pid: u32, options: MmOptions) -> Result<Arc<Self>> {
+        let caps = Uffd::probe().map_err(unsupported_uffd)?;
+        let mut wanted = Features::empty();
+        for (f, _) in REQUIRED_FEATURES {
+            if !caps.features.contains(*f) {
+                return Err(Error::Unsupported {
+                    feature: f
+                        .names()
+                        .first()
+                        .copied()
+                        .unwrap_or("a userfaultfd feature"),
+                    hint: "the kernel's userfaultfd lacks a required feature (Linux 4.11+ has all events)",
+                });
+            }
+            wanted |= *f;
+        }
+        wanted |= caps.features & OPTIONAL_FEATURES;
+        let uffd = Uffd::open(wanted, true).map_err(unsupported_uffd)?;
+        let pagemap = Pagemap::open().map_err(|e| Error::os("open /proc/self/pagemap", e))?;
+        let maps = ProcMaps::open().map_err(|e| Error::os("open /proc/self/maps", e))?;
+        probe_scan_and_query(&pagemap, &maps)?;
+        let zero_pfn = probe_zero_pfn(&pagemap);
+        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| Error::os("eventfd", e))?;
+        let core = Arc::new(MmCore {
+            pid,
+            uffd,
+            subs: Subscriptions::new(),
+            pagemap,
+            maps,
+            zero_pfn,
+            fork_gate: ForkGate::default(),
+            registered: Mutex::new(RangeSet::new()),
+            fork_shared: Mutex::new(RangeSet::new()),
+            released: AtomicBool::new(false),
+            stop,
+            service: StdMutex::new(None),
+            counters: Counters::default(),
+        });
+        let thread_core = core.clone();
+        let join = std::thread::Builder::new()
+            .name("hmm-mm-service".into())
+            .spawn(move || {
+                if let Some(cpu) = options.service_cpu
+                    && let Err(e) = crate::os::mm::pin_current_thread(cpu)
+                {
+                    warn!("cannot pin the service thread to cpu {cpu}: {e}");
+                }
+                thread_core.service_loop();
+            })
+            .map_err(|_| Error::NoMem)?;
+        let tid = join.thread().id();
+        *core.service.lock().unwrap_or_else(|e| e.into_inner()) = Some((join, tid));
+        Ok(core)
+    }
+
+    /// Registers the registrable parts of `range`.
+    ///
+    /// Always asks the kernel (registering a range this userfaultfd already
+    /// holds changes nothing): `munmap` returns as soon as its `UNMAP` event
+    /// is read, before the service thread processes it, so the bookkeeping in
+    /// `registered` can be stale for a range that was unmapped and mapped
+    /// again, and trusting it would leave the new mapping unheard.
+    pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
+        let mut cur = range.start();
+        while cur < range.end() {
+            let Some(vma) = self
+                .maps
+                .query(cur, true)
+                .map_err(|e| Error::os("PROCMAP_QUERY", e))?
+            else {
+                break;
+            };
+            if vma.start >= range.end() {
+                break;
+            }
+            let next = vma.end.min(range.end());
+            let lo = vma.start.max(cur);
+            // hugetlb ranges must be registered in whole huge pages.
+            let mask = vma.page_size.max(crate::addr::PAGE_SIZE) - 1;
+            let lo = VirtAddr(lo.get() & !mask).max(vma.start);
+            let hi = VirtAddr((next.get() + mask) & !mask).min(vma.end);
+            if let Ok(piece) = VaRange::new(lo, hi) {
+                match self.uffd.register(piece, RegisterMode::WP) {
+                    Ok(_) => self.registered.lock().insert(piece),
+                    // A regular-file mapping, or a VMA kind WP mode does not
+                    // support here: mirrored without invalidation events.
+                    Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
+                    // Another userfaultfd (the application's own) holds it.
+                    Err(Errno::BUSY) => warn!("{piece:?} is registered with another userfaultfd"),
+                    // The mapping went away meanwhile: nothing to hear about.
+                    Err(Errno::NOMEM) => {}
+                    Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
+                }
+            }
+            cur = next;
+        }
+        Ok(())
+    }
+
+    fn invalidate(&self, start: VirtAddr, end: VirtAddr, event: Event) {
+        if self.released.load(Ordering::Acquire) || start >= end {
+            return;
+        }
+        let nr = NotifierRange {
+            start,
+            end,
+            event,
+            blockable: true,
+            owner: None,
+        };
+        if let Err(e) = self.subs.invalidate(&nr) {
+            warn!("invalidation {event:?} {start}..{end} failed: {e}");
+        }
+    }
+
+    fn handle(&self, msg: Message) {
+        match msg {
+            Message::Remove { start, end } => {
+                self.counters.removes.fetch_add(1, Ordering::Relaxed);
+                if let Ok(r) = VaRange::new(start, end) {
+                    // DONTNEED'd private pages come back exclusive.
+                    self.fork_shared.lock().remove(r);
+                }
+                self.invalidate(start, end, Event::Clear);
+            }
+            Message::Unmap { start, end } => {
+                self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
+                if let Ok(r) = VaRange::new(start, end) {
+                    self.registered.lock().remove(r);
+                    self.fork_shared.lock().remove(r);
+                }
+                self.invalidate(start, end, Event::Unmap);
+            }
+            Message::Remap { from, to, len } => {
+                self.counters.remaps.fetch_add(1, Ordering::Relaxed);
+                if let (Ok(old), Ok(new)) =
+                    (VaRange::from_len(from, len), VaRange::from_len(to, len))
+                {
+                    let mut reg = self.registered.lock();
+                    let moved = !reg.overlapping(old).is_empty();
+                    reg.remove(old);
+                    if moved {
+                        // The moved VMA keeps its userfaultfd context.
+                        reg.insert(new);
+                    }
+                    drop(reg);
+                    let mut fs = self.fork_shared.lock();
+                    if fs.intersects(old) {
+                        fs.remove(old);
+                        fs.insert(new);
+                    }
+                }
+                self.invalidate(from, from.checked_add(len).unwrap_or(from), Event::Unmap);
+            }
+            Message::Fork { child } => {
+                // Not requested (see "Fork" above); if it ever arrives, closing
+                // the child's userfaultfd unregisters the child's copies.
+                drop(child);
+            }
+            Message::Pagefault { address, .. } => {
+                self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                // Ranges are registered for MISSING faults only while they hold
+                // device pages; a fault elsewhere is woken to retry.
+                if let Ok(r) = VaRange::from_len(address.page_down(), crate::addr::PAGE_SIZE)
+                    && let Err(e) = self.uffd.wake(r)
+                {
+                    warn!("UFFDIO_WAKE {r:?}: {e}");
+                }
+            }
+            Message::Unknown(code) => warn!("unknown userfaultfd event {code:#x}"),
+        }
+    }
+
+    /// Starts the `ProtectionPage` invalidations of a fork: every registered
+    /// private writable range, whose pages the fork is about to share
+    /// copy-on-write. Returns the ranges to end after the fork.
+    fn fork_begin(&self) -> Vec<NotifierRange> {
+        let mut started = Vec::new();
+        if self.released.load(Ordering::Acquire) {
+            return started;
+        }
+        self.counters.forks.fetch_add(1, Ordering::Relaxed);
+        let ranges = self.registered.lock().ranges();
+        for r in ranges {
+            let mut cur = r.start();
+            while cur < r.end() {
+                let Ok(Some(vma)) = self.maps.query(cur, true) else {
+                    break;
+                };
+                if vma.start >= r.end() {
+                    break;
+                }
+                let lo = vma.start.max(cur);
+                let hi = vma.end.min(r.end());
+                if vma.flags.contains(VmaFlags::WRITE) && !vma.flags.contains(VmaFlags::SHARED) {
+                    if let Ok(part) = VaRange::new(lo, hi) {
+                        self.fork_shared.lock().insert(part);
+                    }
+                    let nr = NotifierRange {
+                        start: lo,
+                        end: hi,
+                        event: Event::ProtectionPage,
+                        blockable: true,
+                        owner: None,
+                    };
+                    match self.subs.invalidate_range_start(&nr) {
+                        Ok(()) => started.push(nr),
+                        Err(e) => warn!("fork invalidation {lo}..{hi}: {e}"),
+                    }
+                }
+                cur = hi;
+            }
+        }
+        started
+    }
+
+    fn service_loop(&self) {
+        let mut msgs = Vec::with_capacity(16);
+        loop {
+            let mut fds = [
+                PollFd::new(&self.uffd, PollFlags::IN),
+                PollFd::new(&self.stop, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => {
+                    warn!("service thread: poll failed: {e}");
+                    return;
+                }
+            }
+            if !fds[1].revents().is_empty() {
+                return;
+            }
+            msgs.clear();
+            match self.uffd.read_messages(&mut msgs) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("service thread: read failed: {e}");
+                    return;
+                }
+            }
+            for m in msgs.drain(..) {
+                self.handle(m);
+            }
+        }
+    }
+
+    fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.pid != pid() {
+            // A forked child's copy of the parent's Mm: the service thread and
+            // the userfaultfd context belong to the parent.
+            return;
+        }
+        // 1. No device may use the address space any more.
+        self.subs.release();
+        // 2. Unregister while the service thread still drains events, so no
+        //    munmap caller waits on an event nobody reads.
+        let ranges = {
+            let mut reg = self.registered.lock();
+            let r = reg.ranges();
+            reg.clear();
+            r
+        };
+        for r in ranges {
+            if let Err(e) = self.uffd.unregister(r) {
+                debug!("UFFDIO_UNREGISTER {r:?}: {e}");
+            }
+        }
+        // 3. Stop the service thread (unless we are it).
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        let service = self
+            .service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((join, tid)) = service
+            && tid != std::thread::current().id()
+        {
+            let _ = join.join();
+        }
+    }
+}
+
+/// The PFN used for the zero page when the real one cannot be read: the
+/// highest PFN the `hmm_pfn` format holds, which no RAM page has.
+pub const ZERO_PFN_SENTINEL: u64 = crate::pfn::PFN_MASK;
+
+/// The shared zero page's PFN from pagemap (root), or [`ZERO_PFN_SENTINEL`].
+fn probe_zero_pfn(pagemap: &Pagemap) -> u64 {
+    let Ok(m) = crate::os::mm::Mapping::anonymous(crate::addr::PAGE_SIZE, Prot::READ) else {
+        return ZERO_PFN_SENTINEL;
+    };
+    m.no_hugepage();
+    let _ = m.read_u64(0);
+    let mut e = [crate::os::pagemap::Entry(0)];
+    match pagemap.read_entries(m.range(), &mut e) {
+        Ok(()) if e[0].pfn() != 0 => e[0].pfn(),
+        _ => ZERO_PFN_SENTINEL,
+    }
+}
+
+fn probe_scan_and_query(pagemap: &Pagemap, maps: &ProcMaps) -> Result<()> {
+    // Any mapped page will do: the probe only checks that the ioctls exist.
+    let probe = VirtAddr::from_ptr(&CURRENT as *const _ as *const u8).page_down();
+    let range = VaRange::from_len(probe, crate::addr::PAGE_SIZE)?;
+    let filter = ScanFilter {
+        any_of: Category::PRESENT,
+        returned: Category::PRESENT,
+        ..Default::default()
+    };
+    match pagemap.scan(range, &filter, &mut Vec::new()) {
+        Ok(()) => {}
+        Err(Errno::NOTTY | Errno::INVAL) => {
+            return Err(Error::Unsupported {
+                feature: "PAGEMAP_SCAN",
+                hint: "needs Linux 6.7 or later",
+            });
+        }
+        Err(e) => return Err(Error::os("PAGEMAP_SCAN", e)),
+    }
+    match maps.query(probe, false) {
+        Ok(_) => Ok(()),
+        Err(Errno::NOTTY | Errno::INVAL) => Err(Error::Unsupported {
+            feature: "PROCMAP_QUERY",
+            hint: "needs Linux 6.11 or later",
+        }),
+        Err(e) => Err(Error::os("PROCMAP_QUERY", e)),
+    }
+}
+
+impl AsFd for MmCore {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+}
