@@ -81,6 +81,8 @@ pub mod error;
 #[cfg(not(loom))]
 pub mod info;
 #[cfg(not(loom))]
+pub mod mirror;
+#[cfg(not(loom))]
 pub mod mm;
 pub mod notifier;
 pub mod os;
@@ -90,9 +92,13 @@ pub mod range;
 #[cfg(not(loom))]
 pub(crate) mod rangeset;
 pub(crate) mod sync;
+#[cfg(not(loom))]
+pub mod testdev;
 
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, VaRange, VirtAddr};
 pub use error::{Error, Result};
+#[cfg(not(loom))]
+pub use mirror::{Mirror, MirrorOptions};
 #[cfg(not(loom))]
 pub use mm::{Mm, MmOptions, MmStats};
 pub use notifier::{Event, IntervalNotifier, IntervalNotifierOps, NotifierRange, OwnerId};
