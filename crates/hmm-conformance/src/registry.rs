@@ -1,0 +1,65 @@
+//! The registry of ported `hmm-tests.c` cases.
+
+use crate::case::{Case, Fixture};
+use crate::fixture::{run_hmm, run_hmm2};
+
+/// `TEST_F(fixture, name)`: the case `name` of `cases`, once per variant of
+/// `fixture`, under the kernel's name.
+macro_rules! test_f {
+    (hmm, $name:ident) => {
+        Case::per_variant(stringify!($name), Fixture::Hmm, |variant| {
+            run_hmm(variant, crate::cases::$name)
+        })
+    };
+    (hmm2, $name:ident) => {
+        Case::per_variant(stringify!($name), Fixture::Hmm2, |variant| {
+            run_hmm2(variant, crate::cases::$name)
+        })
+    };
+}
+
+/// Every ported case, once per variant, in the kernel file's order.
+///
+/// The tests that need device memory (`migrate*`, `double_map`,
+/// `exclusive*`, `hmm_gup_test`, …) and `anon_teardown` are not ported yet.
+pub fn cases() -> Vec<Case> {
+    [
+        test_f!(hmm, open_close),
+        test_f!(hmm, anon_read),
+        test_f!(hmm, anon_read_prot),
+        test_f!(hmm, anon_write),
+        test_f!(hmm, anon_write_prot),
+        test_f!(hmm, anon_write_child),
+        test_f!(hmm, anon_write_child_shared),
+        test_f!(hmm, anon_write_huge),
+        test_f!(hmm, anon_write_hugetlbfs),
+        test_f!(hmm, file_read),
+        test_f!(hmm, file_write),
+        test_f!(hmm, anon_read_multiple),
+        test_f!(hmm, mixedmap),
+        test_f!(hmm2, snapshot),
+        test_f!(hmm, compound),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_both_variants_are_there() {
+        let all = cases();
+        let mut ids: Vec<_> = all.iter().map(Case::id).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "duplicate case ids");
+        assert_eq!(n, 2 * 15);
+        assert_eq!(all[0].id(), "open_close/hmm_device_private");
+        assert_eq!(all[1].id(), "open_close/hmm_device_coherent");
+        assert!(ids.contains(&"snapshot/hmm2_device_private".to_owned()));
+    }
+}
