@@ -19,7 +19,7 @@ use crate::check::{Check, fail, skip, verdict};
 fn hmm_open(unit: u32, variant: Variant) -> Check<Dmirror> {
     Dmirror::open(unit).map_err(|e| match (variant, &e) {
         (Variant::DeviceCoherent, hmm::Error::Unsupported { .. }) => skip(format!(
-            "device-coherent memory is not implemented yet: {e}"
+            "{e}"
         )),
         _ => fail(format!(
             "could not open hmm dmirror driver (/dev/hmm_dmirror{unit}): {e}"

@@ -103,8 +103,8 @@ impl Device {
         };
         if kind == MemoryType::Coherent {
             return Err(Error::Unsupported {
-                feature: "device-coherent memory",
-                hint: "dmirror minors 2 and 3 need device-coherent memory, which is not implemented yet",
+                feature: "device-coherent memory (dmirror minors 2 and 3)",
+                hint: "not implemented yet",
             });
         }
         Ok(slot
