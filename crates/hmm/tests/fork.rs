@@ -25,6 +25,43 @@ fn fork_and_release_scenarios() {
     dropping_the_last_handle_releases_every_notifier_once();
     calls_after_release_return_released();
     fork_write_protects_private_ranges();
+    an_unprivileged_user_is_told_how_to_enable_userfaultfd();
+}
+
+/// Without root, userfaultfd depends on `vm.unprivileged_userfaultfd`: when
+/// it is 0 the error names userfaultfd and says how to allow it.
+fn an_unprivileged_user_is_told_how_to_enable_userfaultfd() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP: needs root to switch to an unprivileged user");
+        return;
+    }
+    let allowed = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    let status = fork_and_wait(|| {
+        if hmm::os::process::become_user(65534, 65534).is_err() {
+            return 10;
+        }
+        match (Mm::get(), allowed) {
+            (Ok(_), true) => 0,
+            (Err(hmm::Error::Unsupported { feature, hint }), false)
+                if feature == "userfaultfd" && hint.contains("vm.unprivileged_userfaultfd=1") =>
+            {
+                0
+            }
+            (Ok(_), false) => 1,
+            (Err(e), _) => {
+                eprintln!("unprivileged Mm::get: {e:?}");
+                2
+            }
+        }
+    })
+    .expect("fork");
+    assert_eq!(
+        status,
+        ChildExit::Code(0),
+        "unprivileged_userfaultfd={allowed}"
+    );
 }
 
 fn a_forked_child_gets_its_own_mm() {

@@ -79,6 +79,30 @@ pub fn atfork(
     }
 }
 
+/// Gives up root for good: `setgroups([])`, `setgid(gid)`, `setuid(uid)`,
+/// then `PR_SET_DUMPABLE` so `/proc/self` stays readable as for the user.
+/// For tests that check what an unprivileged user sees, in a forked child.
+///
+/// # Errors
+/// `EPERM` when the caller is not privileged.
+pub fn become_user(uid: u32, gid: u32) -> Result<(), Errno> {
+    // SAFETY: these calls take plain integers (and an empty group list) and
+    // change only the calling process's credentials.
+    unsafe {
+        if libc::setgroups(0, core::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+            // A credential change makes the process non-dumpable, which hands
+            // its /proc/self files to root; a process that was started as the
+            // user would not be, so undo that.
+            || libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0
+        {
+            return Err(last_errno());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,8 +342,9 @@ impl Uffd {
     }
 
     /// `UFFDIO_MOVE`: moves the pages of `[src, src + len)` to `dst` without
-    /// copying; returns the bytes moved. Both ranges must be registered with
-    /// this userfaultfd.
+    /// copying; returns the bytes moved. The destination must be registered
+    /// with this userfaultfd; on 6.18 the source need not be (checked by the
+    /// `kernel_facts` tests).
     ///
     /// # Errors
     /// `ENOENT` for an absent source page (unless `allow_src_holes`), `EEXIST`
