@@ -515,14 +515,12 @@ impl MmCore {
         Ok(core)
     }
 
-    /// Registers the registrable parts of `range`.
-    ///
-    /// Always asks the kernel (registering a range this userfaultfd already
-    /// holds changes nothing): `munmap` returns as soon as its `UNMAP` event
-    /// is read, before the service thread processes it, so the bookkeeping in
-    /// `registered` can be stale for a range that was unmapped and mapped
-    /// again, and trusting it would leave the new mapping unheard.
-    pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
+    /// The VMAs overlapping `range`, each with the part of `range` it covers.
+    pub(crate) fn vmas_in(
+        &self,
+        range: VaRange,
+    ) -> Result<Vec<(crate::os::procmap::Vma, VaRange)>> {
+        let mut out = Vec::new();
         let mut cur = range.start();
         while cur < range.end() {
             let Some(vma) = self
@@ -535,26 +533,40 @@ impl MmCore {
             if vma.start >= range.end() {
                 break;
             }
-            let next = vma.end.min(range.end());
-            let lo = vma.start.max(cur);
+            let part = VaRange::new(vma.start.max(cur), vma.end.min(range.end()))?;
+            out.push((vma, part));
+            cur = part.end();
+        }
+        Ok(out)
+    }
+
+    /// Registers the registrable parts of `range`.
+    ///
+    /// Always asks the kernel (registering a range this userfaultfd already
+    /// holds changes nothing): `munmap` returns as soon as its `UNMAP` event
+    /// is read, before the service thread processes it, so the bookkeeping in
+    /// `registered` can be stale for a range that was unmapped and mapped
+    /// again, and trusting it would leave the new mapping unheard.
+    pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
+        for (vma, part) in self.vmas_in(range)? {
             // hugetlb ranges must be registered in whole huge pages.
             let mask = vma.page_size.max(crate::addr::PAGE_SIZE) - 1;
-            let lo = VirtAddr(lo.get() & !mask).max(vma.start);
-            let hi = VirtAddr((next.get() + mask) & !mask).min(vma.end);
-            if let Ok(piece) = VaRange::new(lo, hi) {
-                match self.uffd.register(piece, RegisterMode::WP) {
-                    Ok(_) => self.registered.lock().insert(piece),
-                    // A regular-file mapping, or a VMA kind WP mode does not
-                    // support here: mirrored without invalidation events.
-                    Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
-                    // Another userfaultfd (the application's own) holds it.
-                    Err(Errno::BUSY) => warn!("{piece:?} is registered with another userfaultfd"),
-                    // The mapping went away meanwhile: nothing to hear about.
-                    Err(Errno::NOMEM) => {}
-                    Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
-                }
+            let lo = VirtAddr(part.start().get() & !mask).max(vma.start);
+            let hi = VirtAddr((part.end().get() + mask) & !mask).min(vma.end);
+            let Ok(piece) = VaRange::new(lo, hi) else {
+                continue;
+            };
+            match self.uffd.register(piece, RegisterMode::WP) {
+                Ok(_) => self.registered.lock().insert(piece),
+                // A regular-file mapping, or a VMA kind WP mode does not
+                // support here: mirrored without invalidation events.
+                Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
+                // Another userfaultfd (the application's own) holds it.
+                Err(Errno::BUSY) => warn!("{piece:?} is registered with another userfaultfd"),
+                // The mapping went away meanwhile: nothing to hear about.
+                Err(Errno::NOMEM) => {}
+                Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
             }
-            cur = next;
         }
         Ok(())
     }
@@ -644,33 +656,23 @@ impl MmCore {
         self.counters.forks.fetch_add(1, Ordering::Relaxed);
         let ranges = self.registered.lock().ranges();
         for r in ranges {
-            let mut cur = r.start();
-            while cur < r.end() {
-                let Ok(Some(vma)) = self.maps.query(cur, true) else {
-                    break;
+            let Ok(vmas) = self.vmas_in(r) else { continue };
+            for (vma, part) in vmas {
+                if !vma.flags.contains(VmaFlags::WRITE) || vma.flags.contains(VmaFlags::SHARED) {
+                    continue;
+                }
+                self.fork_shared.lock().insert(part);
+                let nr = NotifierRange {
+                    start: part.start(),
+                    end: part.end(),
+                    event: Event::ProtectionPage,
+                    blockable: true,
+                    owner: None,
                 };
-                if vma.start >= r.end() {
-                    break;
+                match self.subs.invalidate_range_start(&nr) {
+                    Ok(()) => started.push(nr),
+                    Err(e) => warn!("fork invalidation {part:?}: {e}"),
                 }
-                let lo = vma.start.max(cur);
-                let hi = vma.end.min(r.end());
-                if vma.flags.contains(VmaFlags::WRITE) && !vma.flags.contains(VmaFlags::SHARED) {
-                    if let Ok(part) = VaRange::new(lo, hi) {
-                        self.fork_shared.lock().insert(part);
-                    }
-                    let nr = NotifierRange {
-                        start: lo,
-                        end: hi,
-                        event: Event::ProtectionPage,
-                        blockable: true,
-                        owner: None,
-                    };
-                    match self.subs.invalidate_range_start(&nr) {
-                        Ok(()) => started.push(nr),
-                        Err(e) => warn!("fork invalidation {lo}..{hi}: {e}"),
-                    }
-                }
-                cur = hi;
             }
         }
         started
