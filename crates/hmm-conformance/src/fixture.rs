@@ -18,7 +18,7 @@ use crate::check::{Check, fail, skip, verdict};
 /// `hmm_open(unit)` for the fixture setup of `variant`.
 fn hmm_open(unit: u32, variant: Variant) -> Check<Dmirror> {
     Dmirror::open(unit).map_err(|e| match (variant, &e) {
-        (Variant::DeviceCoherent, hmm::Error::Unsupported { .. }) => skip(format!("{e}")),
+        (Variant::DeviceCoherent, hmm::Error::Unsupported { .. }) => skip(e.to_string()),
         _ => fail(format!(
             "could not open hmm dmirror driver (/dev/hmm_dmirror{unit}): {e}"
         )),
