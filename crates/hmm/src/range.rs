@@ -30,9 +30,9 @@
 //! # Errors leave the input intact
 //! The kernel leaves entries above the failing address holding their input
 //! and entries below holding output, so a caller's per-page requests are lost
-//! on `-EBUSY` (the FIXME of the fixed-format series). Here the output is
-//! built in a scratch array and copied over `hmm_pfns` only on success: on
-//! any error the array is exactly as it was on input.
+//! on `-EBUSY` (the FIXME of the fixed-format series). Here the input is
+//! saved once, the output is written in place, and any error copies the saved
+//! input back: on every error the array is exactly as it was on input.
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, Pfn, VaRange, VirtAddr};
 use crate::error::{Error, Result};
@@ -131,21 +131,25 @@ enum Walked {
     Faulted(VirtAddr),
 }
 
-struct Walk<'r, 'a> {
+struct Walk<'r> {
     core: &'r MmCore,
     range: VaRange,
+    /// The caller's entries as they were on input (requests, sticky flags).
     input: &'r [HmmPfn],
+    /// The caller's array, receiving the output in place.
     out: &'r mut [HmmPfn],
-    args: &'r HmmRange<'a>,
+    default_flags: HmmPfn,
+    pfn_flags_mask: HmmPfn,
+    want_pfns: bool,
     any_fault: bool,
     regions: Vec<Region>,
     entries: Vec<Entry>,
     nomem: u32,
 }
 
-impl Walk<'_, '_> {
+impl Walk<'_> {
     fn req(&self, i: usize) -> HmmPfn {
-        self.input[i].effective_request(self.args.default_flags, self.args.pfn_flags_mask)
+        self.input[i].effective_request(self.default_flags, self.pfn_flags_mask)
     }
 
     /// Pages `[lo, hi)` have no usable VMA: ERROR, or `Fault` if any of them
@@ -212,7 +216,7 @@ impl Walk<'_, '_> {
         let base = self.range.page_offset(seg.start());
         let npages = seg.npages() as usize;
         // Entries (PFN and exclusivity) for the present runs, when asked for.
-        if self.args.want_pfns {
+        if self.want_pfns {
             self.entries.clear();
             self.entries.resize(npages, Entry(0));
             for r in &self.regions {
@@ -238,7 +242,7 @@ impl Walk<'_, '_> {
                 .peek()
                 .filter(|r| r.start <= addr)
                 .map_or(Category::empty(), |r| r.categories);
-            let entry = self.args.want_pfns.then(|| self.entries[j]);
+            let entry = self.want_pfns.then(|| self.entries[j]);
             let shared = fork_shared.iter().any(|r| r.contains(addr));
             let cpu = cpu_flags_for(vma, cats, entry, shared);
             let i = base + j;
@@ -338,6 +342,32 @@ impl Walk<'_, '_> {
     }
 }
 
+/// Walks from `last` to the end, restarting after each fault, until done or
+/// the notifier's sequence moves.
+fn walk_until_done(
+    walk: &mut Walk<'_>,
+    notifier: &IntervalNotifier,
+    seq: u64,
+    mut last: VirtAddr,
+) -> Result<()> {
+    let mut stalled = 0;
+    loop {
+        if notifier.check_retry(seq) {
+            return Err(Error::Busy);
+        }
+        match walk.walk(last)? {
+            Walked::Done => return Ok(()),
+            Walked::Faulted(at) => {
+                stalled = if at == last { stalled + 1 } else { 0 };
+                if stalled >= MAX_STALLED_FAULTS {
+                    return Err(Error::Busy);
+                }
+                last = at;
+            }
+        }
+    }
+}
+
 impl Mm {
     /// Snapshots or faults `range` into its pfn array (`hmm_range_fault`).
     ///
@@ -373,38 +403,28 @@ impl Mm {
         }
         let _walk = core.fork_gate.walk();
         core.ensure_registered(range)?;
+        // One copy of the input: the walk writes the output in place and an
+        // error puts the input back, so the array is untouched on failure.
         let input: Vec<HmmPfn> = args.hmm_pfns.to_vec();
-        let mut out = input.clone();
         let any_fault = (args.default_flags | args.pfn_flags_mask).contains(HmmPfn::REQ_FAULT);
+        let (notifier, seq) = (args.notifier, args.notifier_seq);
         let mut walk = Walk {
             core,
             range,
             input: &input,
-            out: &mut out,
-            args,
+            out: &mut *args.hmm_pfns,
+            default_flags: args.default_flags,
+            pfn_flags_mask: args.pfn_flags_mask,
+            want_pfns: args.want_pfns,
             any_fault,
             regions: Vec::new(),
             entries: Vec::new(),
             nomem: 0,
         };
-        let mut last = range.start();
-        let mut stalled = 0;
-        loop {
-            if walk.args.notifier.check_retry(walk.args.notifier_seq) {
-                return Err(Error::Busy);
-            }
-            match walk.walk(last)? {
-                Walked::Done => break,
-                Walked::Faulted(at) => {
-                    stalled = if at == last { stalled + 1 } else { 0 };
-                    if stalled >= MAX_STALLED_FAULTS {
-                        return Err(Error::Busy);
-                    }
-                    last = at;
-                }
-            }
+        let result = walk_until_done(&mut walk, notifier, seq, range.start());
+        if result.is_err() {
+            walk.out.copy_from_slice(&input);
         }
-        args.hmm_pfns.copy_from_slice(&out);
-        Ok(())
+        result
     }
 }
