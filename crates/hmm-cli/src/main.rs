@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod info;
 mod selftest;
 
@@ -39,6 +40,11 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Measure the library beside the raw kernel primitives, in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchKind,
+    },
 }
 
 /// Prints an error with its whole source chain.
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
             json,
             timeout,
         } => selftest::run(filter.as_deref(), json, timeout),
+        Command::Bench { which } => bench::run(which),
     };
     match res {
         Ok(code) => code,
