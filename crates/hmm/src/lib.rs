@@ -89,6 +89,7 @@ pub mod os;
 pub mod pfn;
 #[cfg(not(loom))]
 pub mod range;
+pub mod rangelock;
 #[cfg(not(loom))]
 pub(crate) mod rangeset;
 pub(crate) mod sync;

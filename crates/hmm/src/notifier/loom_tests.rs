@@ -5,11 +5,6 @@
 //! explore every interleaving exhaustively; the one three-thread model runs
 //! under a preemption bound.
 
-#![expect(
-    clippy::unwrap_used,
-    reason = "inside loom::model closures; a failed unwrap fails the model"
-)]
-
 use super::*;
 
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
