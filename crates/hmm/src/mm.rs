@@ -33,8 +33,9 @@
 //! 6.18 with glibc 2.36).
 //!
 //! # Registration
-//! Events arrive only for ranges registered with the userfaultfd. Every range
-//! a device faults through [`Mm::range_fault`](crate::range) is registered in
+//! Events arrive only for ranges registered with the userfaultfd. Every VMA
+//! a device faults through [`Mm::range_fault`](crate::range) is registered,
+//! whole (a partial registration would split the program's mapping), in
 //! write-protect mode first (which costs nothing until a page is
 //! write-protected and delivers exactly the events above), so a device can
 //! only ever map what the `Mm` hears about. Mappings userfaultfd cannot
@@ -540,7 +541,7 @@ impl MmCore {
         Ok(out)
     }
 
-    /// Registers the registrable parts of `range`.
+    /// Registers every VMA overlapping `range`, whole.
     ///
     /// Always asks the kernel (registering a range this userfaultfd already
     /// holds changes nothing): `munmap` returns as soon as its `UNMAP` event
@@ -548,12 +549,11 @@ impl MmCore {
     /// `registered` can be stale for a range that was unmapped and mapped
     /// again, and trusting it would leave the new mapping unheard.
     pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
-        for (vma, part) in self.vmas_in(range)? {
-            // hugetlb ranges must be registered in whole huge pages.
-            let mask = vma.page_size.max(crate::addr::PAGE_SIZE) - 1;
-            let lo = VirtAddr(part.start().get() & !mask).max(vma.start);
-            let hi = VirtAddr((part.end().get() + mask) & !mask).min(vma.end);
-            let Ok(piece) = VaRange::new(lo, hi) else {
+        for (vma, _) in self.vmas_in(range)? {
+            // The whole VMA: registering part of it would split it, and the
+            // program's own mremap of the mapping would then fail (it needs
+            // one VMA). Whole VMAs are also whole hugetlb pages.
+            let Ok(piece) = VaRange::new(vma.start, vma.end) else {
                 continue;
             };
             match self.uffd.register(piece, RegisterMode::WP) {
