@@ -451,7 +451,13 @@ impl Mapping {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(last_errno());
+            let err = last_errno();
+            // MREMAP_FIXED unmaps the destination before it validates the
+            // source, so after a failure the reservation may already be gone
+            // and its addresses handed to another mapping: never unmap it
+            // again (at worst an inaccessible reservation is left behind).
+            target.leak();
+            return Err(err);
         }
         // The reservation was replaced by the moved mapping: `self` owns it now.
         let new = target.leak();
