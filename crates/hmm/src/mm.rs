@@ -550,23 +550,30 @@ impl MmCore {
     /// again, and trusting it would leave the new mapping unheard.
     pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
         for (vma, _) in self.vmas_in(range)? {
-            // The whole VMA: registering part of it would split it, and the
-            // program's own mremap of the mapping would then fail (it needs
-            // one VMA). Whole VMAs are also whole hugetlb pages.
-            let Ok(piece) = VaRange::new(vma.start, vma.end) else {
-                continue;
-            };
-            match self.uffd.register(piece, RegisterMode::WP) {
-                Ok(_) => self.registered.lock().insert(piece),
-                // A regular-file mapping, or a VMA kind WP mode does not
-                // support here: mirrored without invalidation events.
-                Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
-                // Another userfaultfd (the application's own) holds it.
-                Err(Errno::BUSY) => warn!("{piece:?} is registered with another userfaultfd"),
-                // The mapping went away meanwhile: nothing to hear about.
-                Err(Errno::NOMEM) => {}
-                Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
-            }
+            self.register_vma(&vma)?;
+        }
+        Ok(())
+    }
+
+    /// Registers one VMA, whole: registering part of it would split it, and
+    /// the program's own mremap of the mapping would then fail (it needs one
+    /// VMA). Whole VMAs are also whole hugetlb pages. The range fault calls
+    /// this for each VMA right before scanning it, so a mapping that appears
+    /// during a fault is never mirrored unregistered.
+    pub(crate) fn register_vma(&self, vma: &crate::os::procmap::Vma) -> Result<()> {
+        let Ok(piece) = VaRange::new(vma.start, vma.end) else {
+            return Ok(());
+        };
+        match self.uffd.register(piece, RegisterMode::WP) {
+            Ok(_) => self.registered.lock().insert(piece),
+            // A regular-file mapping, or a VMA kind WP mode does not
+            // support here: mirrored without invalidation events.
+            Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
+            // Another userfaultfd (the application's own) holds it.
+            Err(Errno::BUSY) => warn!("{piece:?} is registered with another userfaultfd"),
+            // The mapping went away meanwhile: nothing to hear about.
+            Err(Errno::NOMEM) => {}
+            Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
         }
         Ok(())
     }

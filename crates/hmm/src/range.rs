@@ -178,6 +178,9 @@ impl Walk<'_> {
             match vma {
                 Some(v) if v.start <= cur => {
                     let seg_end = v.end.min(end);
+                    // Registered before it is scanned: what the device maps
+                    // from here on raises invalidations.
+                    self.core.register_vma(&v)?;
                     if !v.flags.contains(VmaFlags::READ) {
                         self.error_pages(cur, seg_end, "VMA without read permission")?;
                     } else if let Walked::Faulted(at) =
@@ -402,7 +405,6 @@ impl Mm {
             return Err(Error::ForeignNotifier);
         }
         let _walk = core.fork_gate.walk();
-        core.ensure_registered(range)?;
         // One copy of the input: the walk writes the output in place and an
         // error puts the input back, so the array is untouched on failure.
         let input: Vec<HmmPfn> = args.hmm_pfns.to_vec();

@@ -462,7 +462,7 @@ impl Mapping {
         // The reservation was replaced by the moved mapping: `self` owns it now.
         let new = target.leak();
         let old = core::mem::replace(&mut self.range, new);
-        Ok(dontunmap.then_some(Mapping::own(old)))
+        Ok(dontunmap.then(|| Mapping::own(old)))
     }
 
     /// Gives up ownership without unmapping; returns the range.
