@@ -49,6 +49,20 @@ const MAX_STALLED_FAULTS: u32 = 16;
 /// `MADV_POPULATE` failures with `ENOMEM` tolerated before reporting [`Error::NoMem`].
 const MAX_NOMEM_RETRIES: u32 = 3;
 
+/// The `PAGEMAP_SCAN` filter of the range fault's walk: present or swapped
+/// pages, with what the decision table needs to know about them. Public so
+/// that benchmarks measure the raw scan exactly as the walk issues it.
+pub const WALK_FILTER: ScanFilter = ScanFilter {
+    required: Category::empty(),
+    inverted: Category::empty(),
+    any_of: Category::PRESENT.union(Category::SWAPPED),
+    returned: Category::PRESENT
+        .union(Category::SWAPPED)
+        .union(Category::PFNZERO)
+        .union(Category::HUGE)
+        .union(Category::FILE),
+};
+
 /// The arguments of one range fault (`struct hmm_range`).
 #[derive(Debug)]
 pub struct HmmRange<'a> {
@@ -202,15 +216,7 @@ impl Walk<'_> {
 
     fn walk_vma(&mut self, vma: &Vma, seg: VaRange) -> Result<Walked> {
         self.regions.clear();
-        let filter = ScanFilter {
-            any_of: Category::PRESENT | Category::SWAPPED,
-            returned: Category::PRESENT
-                | Category::SWAPPED
-                | Category::PFNZERO
-                | Category::HUGE
-                | Category::FILE,
-            ..Default::default()
-        };
+        let filter = WALK_FILTER;
         self.core
             .pagemap
             .scan(seg, &filter, &mut self.regions)

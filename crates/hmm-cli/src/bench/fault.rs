@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use hmm::mirror::MirrorGuard;
 use hmm::notifier::{Interval, IntervalNotifierOps, NotifierRange};
 use hmm::os::mm::{self as osmm, Mapping, Prot};
-use hmm::os::pagemap::{Category, Entry, Pagemap, ScanFilter};
+use hmm::os::pagemap::{Category, Entry, Pagemap};
 use hmm::os::uffd::{Features, Message, RegisterMode, Uffd};
 use hmm::{
     HmmPfn, HmmRange, IntervalNotifier, Mirror, MirrorOptions, Mm, MmOptions, PAGE_SIZE, VaRange,
@@ -220,15 +220,7 @@ fn snapshot(mm: &Mm, size: u64, reps: usize, log: &Progress) -> BoxResult<(Vec<R
     let npages = range.npages() as usize;
     let notifier = mm.interval_notifier_insert(range.start(), range.len(), Arc::new(SeqOnly))?;
     let pagemap = Pagemap::open().ctx("open /proc/self/pagemap")?;
-    let filter = ScanFilter {
-        any_of: Category::PRESENT | Category::SWAPPED,
-        returned: Category::PRESENT
-            | Category::SWAPPED
-            | Category::PFNZERO
-            | Category::HUGE
-            | Category::FILE,
-        ..Default::default()
-    };
+    let filter = hmm::range::WALK_FILTER;
     let mut pfns = vec![HmmPfn::empty(); npages];
     let mut regions = Vec::new();
     let mut entries = vec![Entry(0); npages];
