@@ -183,6 +183,9 @@ pub(crate) struct MmCore {
     pub(crate) fork_gate: ForkGate,
     /// Ranges registered with `uffd` (write-protect mode at least).
     registered: Mutex<RangeSet>,
+    /// A VMA query and its registration (shared) versus the service
+    /// thread's event reads (exclusive); see [`Self::query_registered`].
+    layout: parking_lot::RwLock<()>,
     /// Private ranges whose pages may be shared copy-on-write with a child
     /// since a fork, so a present page there is not known to be writable.
     pub(crate) fork_shared: Mutex<RangeSet>,
@@ -493,6 +496,7 @@ impl MmCore {
             zero_pfn,
             fork_gate: ForkGate::default(),
             registered: Mutex::new(RangeSet::new()),
+            layout: parking_lot::RwLock::new(()),
             fork_shared: Mutex::new(RangeSet::new()),
             released: AtomicBool::new(false),
             stop,
@@ -549,10 +553,38 @@ impl MmCore {
     /// `registered` can be stale for a range that was unmapped and mapped
     /// again, and trusting it would leave the new mapping unheard.
     pub(crate) fn ensure_registered(&self, range: VaRange) -> Result<()> {
-        for (vma, _) in self.vmas_in(range)? {
-            self.register_vma(&vma)?;
+        let mut cur = range.start();
+        while cur < range.end() {
+            match self.query_registered(cur)? {
+                Some(v) if v.start <= cur => cur = v.end,
+                Some(v) if v.start < range.end() => cur = v.start,
+                _ => break,
+            }
         }
         Ok(())
+    }
+
+    /// The VMA covering `at`, or the next one above it; a covering VMA is
+    /// registered whole ([`Self::register_vma`]) before this returns.
+    ///
+    /// The query and the registration hold `layout` shared, and the service
+    /// thread reads events holding it exclusive. A registered VMA cannot be
+    /// unmapped or moved in between: `munmap` and `mremap` of it wait until
+    /// their event is read. Without that, the mapping queried could be
+    /// replaced by a larger one before the registration, which would then
+    /// cover part of the new VMA and split it.
+    pub(crate) fn query_registered(&self, at: VirtAddr) -> Result<Option<crate::os::procmap::Vma>> {
+        let _layout = self.layout.read();
+        let vma = self
+            .maps
+            .query(at, true)
+            .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+        if let Some(v) = &vma
+            && v.start <= at
+        {
+            self.register_vma(v)?;
+        }
+        Ok(vma)
     }
 
     /// Registers one VMA, whole: registering part of it would split it, and
@@ -560,12 +592,18 @@ impl MmCore {
     /// VMA). Whole VMAs are also whole hugetlb pages. The range fault calls
     /// this for each VMA right before scanning it, so a mapping that appears
     /// during a fault is never mirrored unregistered.
-    pub(crate) fn register_vma(&self, vma: &crate::os::procmap::Vma) -> Result<()> {
+    fn register_vma(&self, vma: &crate::os::procmap::Vma) -> Result<()> {
         let Ok(piece) = VaRange::new(vma.start, vma.end) else {
             return Ok(());
         };
+        let known = self.registered.lock().covers(piece);
         match self.uffd.register(piece, RegisterMode::WP) {
-            Ok(_) => self.registered.lock().insert(piece),
+            Ok(_) => {
+                self.registered.lock().insert(piece);
+                if !known {
+                    self.register_split_remainder(vma, piece)?;
+                }
+            }
             // A regular-file mapping, or a VMA kind WP mode does not
             // support here: mirrored without invalidation events.
             Err(Errno::INVAL) => debug!("{piece:?} cannot be registered with userfaultfd"),
@@ -574,6 +612,63 @@ impl MmCore {
             // The mapping went away meanwhile: nothing to hear about.
             Err(Errno::NOMEM) => {}
             Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
+        }
+        Ok(())
+    }
+
+    /// Registers what a first registration split off a VMA that grew
+    /// meanwhile.
+    ///
+    /// `vma` came from a query made before the registration. `layout` keeps
+    /// a registered VMA from being replaced in between, but an unregistered
+    /// one can be unmapped without an event: if a mapping was then created
+    /// in its place and merged with a neighbour, the registration covered
+    /// part of the new VMA and split it. The program's
+    /// `mremap` of its whole mapping would then fail with `EFAULT` (the
+    /// range spans two VMAs). An unregistered neighbour of the same kind
+    /// right against `piece` is such a remainder (or a new mapping the
+    /// kernel kept apart only because of the registration): registering it
+    /// too lets the kernel merge the halves again. A few passes, as the
+    /// layout may change again meanwhile.
+    fn register_split_remainder(
+        &self,
+        vma: &crate::os::procmap::Vma,
+        piece: VaRange,
+    ) -> Result<()> {
+        let same_kind = |n: &crate::os::procmap::Vma| {
+            n.flags == vma.flags && n.page_size == vma.page_size && n.inode == vma.inode
+        };
+        let mut piece = piece;
+        for _ in 0..4 {
+            let mut grew = false;
+            let before = piece.start().get().checked_sub(1).map(VirtAddr);
+            let sides = [Some(piece.end()), before];
+            for at in sides.into_iter().flatten() {
+                let Ok(Some(n)) = self.maps.query(at, false) else {
+                    continue;
+                };
+                let adjacent = n.start == piece.end() || n.end == piece.start();
+                let Ok(next) = VaRange::new(n.start, n.end) else {
+                    continue;
+                };
+                if !adjacent || !same_kind(&n) || self.registered.lock().covers(next) {
+                    continue;
+                }
+                match self.uffd.register(next, RegisterMode::WP) {
+                    Ok(_) => {
+                        self.registered.lock().insert(next);
+                        grew = true;
+                    }
+                    Err(Errno::INVAL | Errno::BUSY | Errno::NOMEM) => continue,
+                    Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
+                }
+                let lo = piece.start().min(next.start());
+                let hi = piece.end().max(next.end());
+                piece = VaRange::new(lo, hi)?;
+            }
+            if !grew {
+                break;
+            }
         }
         Ok(())
     }
@@ -703,7 +798,11 @@ impl MmCore {
                 return;
             }
             msgs.clear();
-            match self.uffd.read_messages(&mut msgs) {
+            let read = {
+                let _layout = self.layout.write();
+                self.uffd.read_messages(&mut msgs)
+            };
+            match read {
                 Ok(_) => {}
                 Err(e) => {
                     warn!("service thread: read failed: {e}");

@@ -184,17 +184,12 @@ impl Walk<'_> {
         let end = self.range.end();
         let mut cur = from;
         while cur < end {
-            let vma = self
-                .core
-                .maps
-                .query(cur, true)
-                .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+            // A covering VMA comes back registered, before it is scanned:
+            // what the device maps from here on raises invalidations.
+            let vma = self.core.query_registered(cur)?;
             match vma {
                 Some(v) if v.start <= cur => {
                     let seg_end = v.end.min(end);
-                    // Registered before it is scanned: what the device maps
-                    // from here on raises invalidations.
-                    self.core.register_vma(&v)?;
                     if !v.flags.contains(VmaFlags::READ) {
                         self.error_pages(cur, seg_end, "VMA without read permission")?;
                     } else if let Walked::Faulted(at) =

@@ -82,6 +82,14 @@ impl RangeSet {
         out
     }
 
+    /// Whether every byte of `r` is in the set.
+    pub(crate) fn covers(&self, r: VaRange) -> bool {
+        self.map
+            .range(..=r.start().get())
+            .next_back()
+            .is_some_and(|(_, &e)| e >= r.end().get())
+    }
+
     /// Whether any byte of `r` is in the set.
     pub(crate) fn intersects(&self, r: VaRange) -> bool {
         !self.overlapping(r).is_empty()
@@ -140,7 +148,12 @@ mod tests {
             for part in set.ranges() {
                 for p in part.start().page_index()..part.end().page_index() { model[p as usize] = true; }
             }
-            prop_assert_eq!(model, bits.to_vec());
+            prop_assert_eq!(&model, &bits.to_vec());
+            // covers() is "every page of the range is in the set".
+            for (s, len) in [(0u64, 1u64), (3, 5), (10, 30), (60, 20)] {
+                let all = bits[s as usize..(s + len) as usize].iter().all(|&b| b);
+                prop_assert_eq!(set.covers(r(s, s + len)), all);
+            }
             // Stored ranges are disjoint and non-adjacent.
             let rs = set.ranges();
             for w in rs.windows(2) { prop_assert!(w[0].end() < w[1].start()); }

@@ -484,7 +484,14 @@ fn vma_layout(maps: &ProcMaps, range: VaRange) -> String {
     while a < range.end() {
         match maps.query(a, true) {
             Ok(Some(v)) if v.start < range.end() => {
-                out.push(format!("[{}, {})", v.start, v.end));
+                let uffd = VaRange::new(v.start, v.end)
+                    .ok()
+                    .and_then(|r| hmm::os::procmap::uffd_registration(r).ok())
+                    .map_or_else(|| "?".into(), |regs| format!("{regs:?}"));
+                out.push(format!(
+                    "[{}, {}) {:?} inode {} uffd {uffd}",
+                    v.start, v.end, v.flags, v.inode
+                ));
                 a = v.end;
             }
             Ok(_) => break,
@@ -667,8 +674,6 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "open defect: registering a whole VMA from an earlier PROCMAP_QUERY can still split it \
-            if the layout changes meanwhile (about 1 mremap in 7000 fails); run with -- --ignored"]
 fn device_reads_race_unmap_remap_and_dontneed() {
     let secs = env_u64("HMM_STRESS_SECS").unwrap_or(4);
     let seed = env_u64("HMM_STRESS_SEED").unwrap_or_else(|| {
