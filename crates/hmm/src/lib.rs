@@ -77,9 +77,13 @@
 #![deny(missing_docs)]
 
 pub mod addr;
+#[cfg(not(loom))]
+pub mod devmem;
 pub mod error;
 #[cfg(not(loom))]
 pub mod info;
+#[cfg(not(loom))]
+pub mod migrate;
 #[cfg(not(loom))]
 pub mod mirror;
 #[cfg(not(loom))]

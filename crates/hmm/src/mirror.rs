@@ -104,6 +104,12 @@ impl Table {
         self.entries.remove(&addr.page_index())
     }
 
+    /// Maps the page holding `addr` (a device installing what it owns, e.g.
+    /// pages it just migrated to its memory, as `dmirror` does).
+    pub fn insert(&mut self, addr: VirtAddr, entry: MirrorEntry) {
+        self.entries.insert(addr.page_index(), entry);
+    }
+
     /// Number of mapped pages.
     pub fn len(&self) -> usize {
         self.entries.len()

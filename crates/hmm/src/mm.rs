@@ -65,7 +65,7 @@ use crate::notifier::{Event, IntervalNotifier, IntervalNotifierOps, NotifierRang
 use crate::os::mm::Prot;
 use crate::os::pagemap::{Category, Pagemap, ScanFilter};
 use crate::os::procmap::{ProcMaps, VmaFlags};
-use crate::os::uffd::{Features, Message, RegisterMode, Uffd};
+use crate::os::uffd::{Features, Message, PagefaultFlags, RegisterMode, Uffd};
 use crate::rangeset::RangeSet;
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 
@@ -86,7 +86,8 @@ pub const OPTIONAL_FEATURES: Features = Features::MOVE
     .union(Features::WP_HUGETLBFS_SHMEM)
     .union(Features::MISSING_SHMEM)
     .union(Features::MISSING_HUGETLBFS)
-    .union(Features::PAGEFAULT_FLAG_WP);
+    .union(Features::PAGEFAULT_FLAG_WP)
+    .union(Features::POISON);
 
 /// Counters of the service thread, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,6 +187,13 @@ pub(crate) struct MmCore {
     /// A VMA query and its registration (shared) versus the service
     /// thread's event reads (exclusive); see [`Self::query_registered`].
     layout: parking_lot::RwLock<()>,
+    /// The device table: which pages device memory or a migration holds.
+    pub(crate) dev: Mutex<crate::migrate::DevState>,
+    /// A second userfaultfd, without events, that owns the regions pages
+    /// are moved into (migration staging, host-storage device memory):
+    /// `UFFDIO_MOVE` needs its destination registered, and these regions
+    /// must not raise events on the main one.
+    mover: Option<Uffd>,
     /// Private ranges whose pages may be shared copy-on-write with a child
     /// since a fork, so a present page there is not known to be writable.
     pub(crate) fork_shared: Mutex<RangeSet>,
@@ -485,6 +493,11 @@ impl MmCore {
         let maps = ProcMaps::open().map_err(|e| Error::os("open /proc/self/maps", e))?;
         probe_scan_and_query(&pagemap, &maps)?;
         let zero_pfn = probe_zero_pfn(&pagemap);
+        let mover = if caps.features.contains(Features::MOVE) {
+            Some(Uffd::open(Features::MOVE, true).map_err(unsupported_uffd)?)
+        } else {
+            None
+        };
         let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| Error::os("eventfd", e))?;
         let core = Arc::new(MmCore {
@@ -497,6 +510,8 @@ impl MmCore {
             fork_gate: ForkGate::default(),
             registered: Mutex::new(RangeSet::new()),
             layout: parking_lot::RwLock::new(()),
+            dev: Mutex::new(crate::migrate::DevState::default()),
+            mover,
             fork_shared: Mutex::new(RangeSet::new()),
             released: AtomicBool::new(false),
             stop,
@@ -673,6 +688,46 @@ impl MmCore {
         Ok(())
     }
 
+    /// The layout lock, shared (see [`Self::query_registered`]).
+    pub(crate) fn layout_read(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.layout.read()
+    }
+
+    /// Records `range` as registered.
+    pub(crate) fn note_registered(&self, range: VaRange) {
+        self.registered.lock().insert(range);
+    }
+
+    /// The event-less userfaultfd for `UFFDIO_MOVE` into library regions.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] on a kernel without `UFFDIO_MOVE`.
+    pub(crate) fn mover(&self) -> Result<&Uffd> {
+        self.mover.as_ref().ok_or(Error::Unsupported {
+            feature: "UFFD_FEATURE_MOVE",
+            hint: "moving pages needs Linux 6.8+",
+        })
+    }
+
+    /// A private anonymous region of `bytes`, PMD-aligned, registered with
+    /// the mover userfaultfd so pages can be moved into it. Write-protect
+    /// mode only: touching it never faults to anyone.
+    ///
+    /// # Errors
+    /// [`Error::Os`] when it cannot be mapped or registered.
+    pub(crate) fn host_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
+        let map = crate::os::mm::Mapping::anonymous_aligned(
+            bytes,
+            1 << crate::addr::PMD_SHIFT,
+            Prot::READ | Prot::WRITE,
+        )
+        .map_err(|e| Error::os("mmap", e))?;
+        self.mover()?
+            .register(map.range(), RegisterMode::WP)
+            .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
+        Ok(map)
+    }
+
     fn invalidate(&self, start: VirtAddr, end: VirtAddr, event: Event) {
         if self.released.load(Ordering::Acquire) || start >= end {
             return;
@@ -693,19 +748,23 @@ impl MmCore {
         match msg {
             Message::Remove { start, end } => {
                 self.counters.removes.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(start, end, Event::Clear);
                 if let Ok(r) = VaRange::new(start, end) {
                     // DONTNEED'd private pages come back exclusive.
                     self.fork_shared.lock().remove(r);
+                    let freed = self.dev.lock().discard(r, true);
+                    drop(freed);
                 }
-                self.invalidate(start, end, Event::Clear);
             }
             Message::Unmap { start, end } => {
                 self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(start, end, Event::Unmap);
                 if let Ok(r) = VaRange::new(start, end) {
                     self.registered.lock().remove(r);
                     self.fork_shared.lock().remove(r);
+                    let freed = self.dev.lock().discard(r, false);
+                    drop(freed);
                 }
-                self.invalidate(start, end, Event::Unmap);
             }
             Message::Remap { from, to, len } => {
                 self.counters.remaps.fetch_add(1, Ordering::Relaxed);
@@ -725,6 +784,10 @@ impl MmCore {
                         fs.remove(old);
                         fs.insert(new);
                     }
+                    drop(fs);
+                    // Device pages move with the mapping.
+                    let freed = self.dev.lock().remap(from, to, len);
+                    drop(freed);
                 }
                 self.invalidate(from, from.checked_add(len).unwrap_or(from), Event::Unmap);
             }
@@ -733,14 +796,20 @@ impl MmCore {
                 // the child's userfaultfd unregisters the child's copies.
                 drop(child);
             }
-            Message::Pagefault { address, .. } => {
+            Message::Pagefault { address, flags, .. } => {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
-                // Ranges are registered for MISSING faults only while they hold
-                // device pages; a fault elsewhere is woken to retry.
-                if let Ok(r) = VaRange::from_len(address.page_down(), crate::addr::PAGE_SIZE)
-                    && let Err(e) = self.uffd.wake(r)
-                {
-                    warn!("UFFDIO_WAKE {r:?}: {e}");
+                let page = VaRange::from_len(address.page_down(), crate::addr::PAGE_SIZE);
+                if flags.contains(PagefaultFlags::WP) {
+                    // Nothing here write-protects pages: let the write through.
+                    if let Ok(r) = page
+                        && let Err(e) = self.uffd.writeprotect(r, false, false)
+                    {
+                        warn!("UFFDIO_WRITEPROTECT {r:?}: {e}");
+                    }
+                } else {
+                    // Ranges are registered for MISSING faults only while
+                    // they hold device pages.
+                    self.handle_missing(address, flags.contains(PagefaultFlags::WRITE));
                 }
             }
             Message::Unknown(code) => warn!("unknown userfaultfd event {code:#x}"),
@@ -824,7 +893,17 @@ impl MmCore {
             // the userfaultfd context belong to the parent.
             return;
         }
-        // 1. No device may use the address space any more.
+        // 1. Device pages come back to system memory while faults can
+        //    still be served, then no device may use the address space.
+        if let Ok(all) = VaRange::new(
+            VirtAddr(crate::addr::PAGE_SIZE),
+            VirtAddr(crate::addr::TASK_SIZE),
+        ) && let Err(e) = self.bring_back(all, |_| true)
+        {
+            warn!("bringing device pages back at release: {e}");
+        }
+        let freed = std::mem::take(&mut *self.dev.lock());
+        drop(freed);
         self.subs.release();
         // 2. Unregister while the service thread still drains events, so no
         //    munmap caller waits on an event nobody reads.

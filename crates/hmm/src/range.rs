@@ -156,6 +156,7 @@ struct Walk<'r> {
     pfn_flags_mask: HmmPfn,
     want_pfns: bool,
     any_fault: bool,
+    dev_private_owner: Option<OwnerId>,
     regions: Vec<Region>,
     entries: Vec<Entry>,
     nomem: u32,
@@ -234,6 +235,9 @@ impl Walk<'_> {
                 }
             }
         }
+        // Device-private pages: absent for the CPU, in the device table.
+        let device = self.core.dev.lock().device_pages_in(seg);
+        let mut device = device.iter().peekable();
         let mut regions = self.regions.iter().peekable();
         let mut fault_from: Option<usize> = None;
         let mut fault_write = false;
@@ -248,7 +252,26 @@ impl Walk<'_> {
                 .map_or(Category::empty(), |r| r.categories);
             let entry = self.want_pfns.then(|| self.entries[j]);
             let shared = fork_shared.iter().any(|r| r.contains(addr));
-            let cpu = cpu_flags_for(vma, cats, entry, shared);
+            let mut cpu = cpu_flags_for(vma, cats, entry, shared);
+            while device.peek().is_some_and(|d| d.0 < j as u64) {
+                device.next();
+            }
+            let mut device_pfn = None;
+            if let Some(&&(_, pfn, writable, owner)) = device.peek().filter(|d| d.0 == j as u64)
+                && !cpu.contains(HmmPfn::VALID)
+                && self.dev_private_owner == Some(owner)
+            {
+                // The device's own page: reported, never faulted. Another
+                // owner's page reads as absent, so a requested fault brings
+                // it back to system memory (the service thread serves the
+                // populate's MISSING fault).
+                cpu = if writable {
+                    HmmPfn::VALID | HmmPfn::WRITE
+                } else {
+                    HmmPfn::VALID
+                };
+                device_pfn = Some(pfn);
+            }
             let i = base + j;
             let need = if self.any_fault {
                 pte_need_fault(self.req(i), cpu)
@@ -285,7 +308,9 @@ impl Walk<'_> {
                 } else {
                     0
                 };
-                let pfn = if cats.contains(Category::PFNZERO) && !cats.contains(Category::HUGE) {
+                let pfn = if let Some(p) = device_pfn {
+                    p
+                } else if cats.contains(Category::PFNZERO) && !cats.contains(Category::HUGE) {
                     self.core.zero_pfn
                 } else {
                     entry.map_or(0, Entry::pfn)
@@ -420,6 +445,7 @@ impl Mm {
             pfn_flags_mask: args.pfn_flags_mask,
             want_pfns: args.want_pfns,
             any_fault,
+            dev_private_owner: args.dev_private_owner,
             regions: Vec::new(),
             entries: Vec::new(),
             nomem: 0,

@@ -16,8 +16,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, VaRange, VirtAddr};
+use crate::devmem::{DevPagemap, DevicePage, PageRef, PagemapOps, Storage};
 use crate::error::{Error, Result};
-use crate::mirror::{Mirror, MirrorOptions, Table};
+use crate::migrate::{MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MigrateSelect, MigrateVma};
+use crate::mirror::{Mirror, MirrorEntry, MirrorOptions, Table};
 use crate::mm::Mm;
 use crate::notifier::OwnerId;
 use crate::os::mm::{Mapping, Prot};
@@ -74,6 +76,33 @@ pub struct Device {
     minor: u32,
     owner: OwnerId,
     kind: MemoryType,
+    storage: Storage,
+    /// The device memory, made on first use.
+    pagemap: StdMutex<Option<DevPagemap>>,
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next allocation fails once.
+    fail_alloc: std::sync::atomic::AtomicBool,
+    /// Pages of device memory.
+    npages: u64,
+}
+
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the device's next allocation fails (the
+/// driver then falls back to allocating page by page, as dmirror does when
+/// its huge allocation fails).
+pub const HMM_DMIRROR_FLAG_FAIL_ALLOC: u64 = 1 << 0;
+
+/// Pages of device memory a dmirror device has (512 MiB; untouched memory
+/// costs nothing).
+pub const DEVICE_PAGES: u64 = 128 * 1024;
+
+/// Entries per migration step, as dmirror's `src_pfns[64]`.
+const MIGRATE_CHUNK_PAGES: u64 = 64;
+
+/// The driver callbacks of a dmirror device's memory.
+#[derive(Debug)]
+struct DmirrorOps;
+
+impl PagemapOps for DmirrorOps {
+    fn page_free(&self, _page: &PageRef<'_>) {}
 }
 
 impl Device {
@@ -108,14 +137,68 @@ impl Device {
             });
         }
         Ok(slot
-            .get_or_init(|| {
-                Arc::new(Device {
-                    minor,
-                    owner: OwnerId::new(),
-                    kind,
-                })
-            })
+            .get_or_init(|| Device::new_private(minor, Storage::from_env()))
             .clone())
+    }
+
+    /// A device-private device of its own (not one of the four minors),
+    /// with device memory of the given flavour.
+    pub fn new_private(minor: u32, storage: Storage) -> Arc<Device> {
+        Self::with_pages(minor, storage, DEVICE_PAGES)
+    }
+
+    /// As [`Device::new_private`] with `npages` pages of device memory.
+    pub fn with_pages(minor: u32, storage: Storage, npages: u64) -> Arc<Device> {
+        Arc::new(Device {
+            minor,
+            owner: OwnerId::new(),
+            kind: MemoryType::Private,
+            storage,
+            pagemap: StdMutex::new(None),
+            fail_alloc: std::sync::atomic::AtomicBool::new(false),
+            npages,
+        })
+    }
+
+    /// Where the device keeps page data.
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+
+    /// Runs `f` on the device memory, making it on first use.
+    fn with_pagemap<R>(&self, mm: &Mm, f: impl FnOnce(&DevPagemap) -> Result<R>) -> Result<R> {
+        let mut g = self.pagemap.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(DevPagemap::new(
+                mm,
+                crate::devmem::MemoryType::Private,
+                self.npages,
+                self.owner,
+                self.storage,
+                Box::new(DmirrorOps),
+            )?);
+        }
+        match g.as_ref() {
+            Some(p) => f(p),
+            None => Err(Error::NoMem),
+        }
+    }
+
+    /// Allocates a device page, honouring the fault-injection flag.
+    fn alloc(&self, pgmap: &DevPagemap) -> Result<DevicePage> {
+        if self
+            .fail_alloc
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Err(Error::NoMem);
+        }
+        pgmap.alloc_page()
+    }
+
+    /// Device pages not allocated (all of them before first use).
+    pub fn free_pages(&self) -> u64 {
+        let g = self.pagemap.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map_or(self.npages, DevPagemap::free_pages)
     }
 
     /// The minor number.
@@ -212,6 +295,7 @@ impl Dmirror {
         range: VaRange,
         write: bool,
         mut copy: impl FnMut(VirtAddr, usize, usize) -> std::result::Result<usize, rustix::io::Errno>,
+        mut dev_io: impl FnMut(&DevicePage, usize) -> Result<()>,
     ) -> Result<Cmd> {
         let mut done = 0u64;
         let mut cmd = Cmd::default();
@@ -219,7 +303,14 @@ impl Dmirror {
         loop {
             {
                 let mut table = self.mirror.lock();
-                done = copy_mapped(&mut table, range, done, write, &mut copy);
+                done = copy_mapped(
+                    &mut table,
+                    range,
+                    done,
+                    write,
+                    &mut copy,
+                    &mut |va, off, pfn| self.device_copy(va, off, pfn, write, &mut dev_io),
+                );
             }
             if done == npages {
                 break;
@@ -241,10 +332,16 @@ impl Dmirror {
     pub fn read(&self, addr: VirtAddr, npages: u64, out: &mut [u8]) -> Result<Cmd> {
         let range = cmd_range(addr, npages)?;
         check_buf(out.len(), range)?;
-        let mut bounce = vec![0u8; range.len() as usize];
-        let cmd = self.access(range, false, |va, off, len| {
-            crate::os::process_vm::read(va, &mut bounce[off..off + len])
-        })?;
+        let bounce = std::cell::RefCell::new(vec![0u8; range.len() as usize]);
+        let cmd = self.access(
+            range,
+            false,
+            |va, off, len| {
+                crate::os::process_vm::read(va, &mut bounce.borrow_mut()[off..off + len])
+            },
+            |page, off| page.read(&mut bounce.borrow_mut()[off..off + PAGE_SIZE as usize]),
+        )?;
+        let bounce = bounce.into_inner();
         out[..bounce.len()].copy_from_slice(&bounce);
         Ok(cmd)
     }
@@ -256,9 +353,199 @@ impl Dmirror {
     pub fn write(&self, addr: VirtAddr, npages: u64, data: &[u8]) -> Result<Cmd> {
         let range = cmd_range(addr, npages)?;
         check_buf(data.len(), range)?;
-        self.access(range, true, |va, off, len| {
-            crate::os::process_vm::write(va, &data[off..off + len])
+        self.access(
+            range,
+            true,
+            |va, off, len| crate::os::process_vm::write(va, &data[off..off + len]),
+            |page, off| page.write(0, &data[off..off + PAGE_SIZE as usize]),
+        )
+    }
+
+    /// One page of a device access through a device-page entry: the device
+    /// reads or writes its own memory. The entry is used only if the address
+    /// space still maps that device page there; `false` means stale.
+    fn device_copy(
+        &self,
+        va: VirtAddr,
+        off: usize,
+        pfn: u64,
+        _write: bool,
+        io: &mut impl FnMut(&DevicePage, usize) -> Result<()>,
+    ) -> bool {
+        let Ok(Some(page)) = self.mirror.mm().device_page_at(va) else {
+            return false;
+        };
+        page.pfn() == pfn && io(&page, off).is_ok()
+    }
+
+    /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates `npages` from `addr` to this
+    /// device's memory, 64 pages and one VMA at a time, maps what moved in
+    /// the device page table, and reads the range back from device memory
+    /// into `out` (when given) as the driver does for verification.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for a bad range, a hole or a VMA without read
+    /// permission (`-EINVAL`); [`Error::NoEnt`] when a page did not end up
+    /// in this device's memory (shared or file pages, another device's
+    /// pages, a failed allocation); the migration's errors.
+    pub fn migrate_to_dev(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: Option<&mut [u8]>,
+    ) -> Result<Cmd> {
+        let range = cmd_range(addr, npages)?;
+        if let Some(o) = &out {
+            check_buf(o.len(), range)?;
+        }
+        let mm = self.mirror.mm().clone();
+        let owner = self.device.owner;
+        self.device.with_pagemap(&mm, |pgmap| {
+            let mut a = range.start();
+            while a < range.end() {
+                let vma = mm.vma_at(a)?;
+                let vma = match vma {
+                    Some(v)
+                        if v.start <= a && v.flags.contains(crate::os::procmap::VmaFlags::READ) =>
+                    {
+                        v
+                    }
+                    _ => return Err(Error::Inval("no readable VMA in the migrate range")),
+                };
+                let next = VirtAddr(
+                    (a.get() + (MIGRATE_CHUNK_PAGES << PAGE_SHIFT))
+                        .min(range.end().get())
+                        .min(vma.end.get()),
+                );
+                let mut m = MigrateVma::setup(&mm, a, next, MigrateSelect::SYSTEM, Some(owner))?;
+                for i in 0..m.npages() as usize {
+                    if m.src()[i] & MIGRATE_PFN_MIGRATE == 0 {
+                        continue;
+                    }
+                    // A failed allocation is retried once, page by page, as
+                    // dmirror falls back from a huge allocation.
+                    let page = match self.device.alloc(pgmap) {
+                        Ok(p) => Some(p),
+                        Err(_) => pgmap.alloc_page().ok(),
+                    };
+                    if let Some(p) = page {
+                        m.set_dst(i, p)?;
+                    }
+                }
+                m.pages();
+                {
+                    let mut t = self.mirror.lock();
+                    for i in 0..m.npages() as usize {
+                        let (s, d) = (m.src()[i], m.dst()[i]);
+                        if let Some(pfn) = crate::migrate::migrate_pfn_to_pfn(d)
+                            && s & MIGRATE_PFN_MIGRATE != 0
+                        {
+                            let va = VirtAddr(a.get() + ((i as u64) << PAGE_SHIFT));
+                            t.insert(
+                                va,
+                                MirrorEntry {
+                                    pfn: crate::addr::Pfn(pfn),
+                                    write: d & MIGRATE_PFN_WRITE != 0,
+                                    order: 0,
+                                },
+                            );
+                        }
+                    }
+                }
+                m.finalize();
+                a = next;
+            }
+            Ok(())
+        })?;
+        self.read_device_only(range, out)
+    }
+
+    /// `dmirror_do_read` over device-page entries only: `-ENOENT` when a
+    /// page of `range` is not this device's memory.
+    fn read_device_only(&self, range: VaRange, out: Option<&mut [u8]>) -> Result<Cmd> {
+        let mm = self.mirror.mm();
+        let mut bounce = vec![0u8; range.len() as usize];
+        let t = self.mirror.lock();
+        for k in 0..range.npages() {
+            let va = VirtAddr(range.start().get() + (k << PAGE_SHIFT));
+            let e = t.get(va).ok_or(Error::NoEnt)?;
+            let page = mm.device_page_at(va)?.ok_or(Error::NoEnt)?;
+            if page.pfn() != e.pfn.0 || page.owner() != self.device.owner {
+                return Err(Error::NoEnt);
+            }
+            let off = (k << PAGE_SHIFT) as usize;
+            page.read(&mut bounce[off..off + PAGE_SIZE as usize])?;
+        }
+        drop(t);
+        if let Some(o) = out {
+            o[..bounce.len()].copy_from_slice(&bounce);
+        }
+        Ok(Cmd {
+            cpages: range.npages(),
+            faults: 0,
         })
+    }
+
+    /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrates this device's pages in
+    /// `npages` from `addr` back to system memory; `cpages` counts them.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for a bad range, a hole or a VMA without read permission.
+    pub fn migrate_to_sys(&self, addr: VirtAddr, npages: u64) -> Result<Cmd> {
+        let range = cmd_range(addr, npages)?;
+        let mm = self.mirror.mm().clone();
+        let owner = self.device.owner;
+        let mut cpages = 0;
+        let mut a = range.start();
+        while a < range.end() {
+            let vma = match mm.vma_at(a)? {
+                Some(v) if v.start <= a && v.flags.contains(crate::os::procmap::VmaFlags::READ) => {
+                    v
+                }
+                _ => return Err(Error::Inval("no readable VMA in the migrate range")),
+            };
+            let next = VirtAddr(
+                (a.get() + (MIGRATE_CHUNK_PAGES << PAGE_SHIFT))
+                    .min(range.end().get())
+                    .min(vma.end.get()),
+            );
+            let mut m =
+                MigrateVma::setup(&mm, a, next, MigrateSelect::DEVICE_PRIVATE, Some(owner))?;
+            for i in 0..m.npages() as usize {
+                if m.src()[i] & MIGRATE_PFN_MIGRATE != 0 {
+                    m.set_dst_system(i)?;
+                }
+            }
+            m.pages();
+            cpages += m
+                .src()
+                .iter()
+                .filter(|s| *s & MIGRATE_PFN_MIGRATE != 0)
+                .count() as u64;
+            m.finalize();
+            a = next;
+        }
+        Ok(Cmd { cpages, faults: 0 })
+    }
+
+    /// `HMM_DMIRROR_RELEASE`: evicts all of this device's memory back to
+    /// system memory and unmaps it from the device page table.
+    ///
+    /// # Errors
+    /// As [`DevPagemap::evict`].
+    pub fn release(&self) -> Result<()> {
+        let mm = self.mirror.mm().clone();
+        self.device.with_pagemap(&mm, DevPagemap::evict)?;
+        Ok(())
+    }
+
+    /// `HMM_DMIRROR_FLAGS`: sets the device's flags
+    /// ([`HMM_DMIRROR_FLAG_FAIL_ALLOC`]).
+    pub fn set_flags(&self, flags: u64) {
+        self.device.fail_alloc.store(
+            flags & HMM_DMIRROR_FLAG_FAIL_ALLOC != 0,
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     /// `HMM_DMIRROR_SNAPSHOT`: one status byte per page into `out`, without faulting.
@@ -274,7 +561,7 @@ impl Dmirror {
         self.mirror.snapshot(range, &mut pfns)?;
         let zero = self.mirror.mm().zero_pfn();
         for (b, p) in out.iter_mut().zip(&pfns) {
-            *b = snapshot_byte(*p, zero);
+            *b = snapshot_byte_for(*p, zero, Some(self.device.owner));
         }
         Ok(Cmd {
             cpages: npages,
@@ -316,15 +603,30 @@ fn copy_mapped(
     mut done: u64,
     write: bool,
     copy: &mut impl FnMut(VirtAddr, usize, usize) -> std::result::Result<usize, rustix::io::Errno>,
+    device: &mut impl FnMut(VirtAddr, usize, u64) -> bool,
 ) -> u64 {
     let npages = range.npages();
     while done < npages {
+        // A page of device memory: the device accesses it directly.
+        let va = VirtAddr(range.start().get() + (done << PAGE_SHIFT));
+        if let Some(e) = table.get(va)
+            && crate::devmem::is_device_pfn(e.pfn.0)
+        {
+            if (write && !e.write) || !device(va, (done << PAGE_SHIFT) as usize, e.pfn.0) {
+                table.remove(va);
+                return done;
+            }
+            done += 1;
+            continue;
+        }
         // The run of consecutive usable entries from `done`.
         let mut run = 0u64;
         while done + run < npages {
             let va = VirtAddr(range.start().get() + ((done + run) << PAGE_SHIFT));
             match table.get(va) {
-                Some(e) if !write || e.write => run += 1,
+                Some(e) if (!write || e.write) && !crate::devmem::is_device_pfn(e.pfn.0) => {
+                    run += 1
+                }
                 _ => break,
             }
         }
@@ -346,13 +648,35 @@ fn copy_mapped(
     done
 }
 
-/// The snapshot byte of one entry (`dmirror_mkentry` in `lib/test_hmm.c`).
+/// The snapshot byte of one entry (`dmirror_mkentry` in `lib/test_hmm.c`)
+/// for a device that has no memory of its own.
 pub fn snapshot_byte(p: HmmPfn, zero_pfn: crate::addr::Pfn) -> u8 {
+    snapshot_byte_for(p, zero_pfn, None)
+}
+
+/// The snapshot byte of one entry as the device of `owner` reports it: a
+/// device-private page is `DEV_PRIVATE_LOCAL` when it is this device's
+/// memory, `DEV_PRIVATE_REMOTE` when another's.
+pub fn snapshot_byte_for(p: HmmPfn, zero_pfn: crate::addr::Pfn, owner: Option<OwnerId>) -> u8 {
     if p.contains(HmmPfn::ERROR) {
         return HMM_DMIRROR_PROT_ERROR;
     }
     if !p.contains(HmmPfn::VALID) {
         return HMM_DMIRROR_PROT_NONE;
+    }
+    if crate::devmem::is_device_pfn(p.pfn().0) {
+        let local = crate::devmem::lookup_pfn(p.pfn().0).is_some_and(|d| Some(d.owner()) == owner);
+        let kind = if local {
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+        } else {
+            HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE
+        };
+        let perm = if p.contains(HmmPfn::WRITE) {
+            HMM_DMIRROR_PROT_WRITE
+        } else {
+            HMM_DMIRROR_PROT_READ
+        };
+        return kind | perm;
     }
     let mut b = if p.pfn() == zero_pfn {
         HMM_DMIRROR_PROT_ZERO

@@ -358,6 +358,23 @@ impl Uffd {
         dontwake: bool,
         allow_src_holes: bool,
     ) -> Result<u64, Errno> {
+        match self.move_partial(dst, src, len, dontwake, allow_src_holes) {
+            (done, Ok(())) => Ok(done),
+            (_, Err(e)) => Err(e),
+        }
+    }
+
+    /// [`Uffd::move_pages`] that also says how far it got before an error:
+    /// `(bytes moved, result)`; on error the page at `src + bytes moved` is
+    /// the one the kernel refused.
+    pub fn move_partial(
+        &self,
+        dst: VirtAddr,
+        src: VirtAddr,
+        len: u64,
+        dontwake: bool,
+        allow_src_holes: bool,
+    ) -> (u64, Result<(), Errno>) {
         let mut mode = 0;
         if dontwake {
             mode |= abi::UFFDIO_MOVE_MODE_DONTWAKE;
@@ -380,10 +397,13 @@ impl Uffd {
                 Ok(_) => done += m.move_.max(0) as u64,
                 Err(Errno::AGAIN | Errno::INTR) if m.move_ > 0 => done += m.move_ as u64,
                 Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    done += m.move_.max(0) as u64;
+                    return (done, Err(e));
+                }
             }
         }
-        Ok(done)
+        (done, Ok(()))
     }
 
     /// `UFFDIO_WRITEPROTECT`: sets (`protect`) or clears write protection on `range`.
@@ -407,6 +427,25 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect` in.
         retry_on_intr(|| unsafe { ioctl_ptr(self.fd.as_fd(), io::UFFDIO_WRITEPROTECT, &mut w) })?;
+        Ok(())
+    }
+
+    /// `UFFDIO_POISON`: marks the absent pages of `range` poisoned, so an
+    /// access raises `SIGBUS` (the answer to a fault that cannot be served).
+    ///
+    /// # Errors
+    /// `EINVAL` without `UFFD_FEATURE_POISON`; `EEXIST` for a present page.
+    pub fn poison(&self, range: VaRange) -> Result<(), Errno> {
+        let mut p = g::uffdio_poison {
+            range: g::uffdio_range {
+                start: range.start().get(),
+                len: range.len(),
+            },
+            mode: 0,
+            updated: 0,
+        };
+        // SAFETY: UFFDIO_POISON takes a `struct uffdio_poison` in and out.
+        retry_on_intr(|| unsafe { ioctl_ptr(self.fd.as_fd(), abi::UFFDIO_POISON, &mut p) })?;
         Ok(())
     }
 

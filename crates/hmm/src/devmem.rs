@@ -1,0 +1,484 @@
+//! Device memory (`struct dev_pagemap`): pagemaps of device pages, the
+//! refcounted page handles, and where a page's data lives.
+//!
+//! A device registers a [`DevPagemap`] of a kind ([`MemoryType::Private`]
+//! now), a number of pages and its callbacks ([`PagemapOps`]). Each pagemap
+//! gets its own range of PFNs, above any physical frame this machine can
+//! have, so a PFN alone says whose page it is ([`lookup_pfn`]).
+//!
+//! A [`DevicePage`] is a counted handle, like `Arc`: the pagemap allocates it
+//! with a count of one ([`DevPagemap::alloc_page`], `zone_device_page_init`),
+//! clones share it, and when the last one drops the page goes back to the
+//! pagemap's free list after [`PagemapOps::page_free`] ran. Each page has a
+//! word of driver data (`zone_device_data`).
+//!
+//! # Where the data lives
+//! - [`Storage::Device`]: the device has memory of its own (a copy). The
+//!   pagemap keeps one page-sized buffer per page; migration copies into
+//!   it and out of it.
+//! - [`Storage::Host`]: the device keeps its data in ordinary pages of this
+//!   process (a region the pagemap maps and registers with the address
+//!   space's second userfaultfd), so migration moves pages with
+//!   `UFFDIO_MOVE` instead of copying them.
+//!
+//! Dropping the [`DevPagemap`] (`memunmap_pages`) first migrates every page
+//! still mapped by the process back to system memory, so no data is lost.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Weak};
+
+use crate::addr::{PAGE_SHIFT, PAGE_SIZE, VirtAddr};
+use crate::error::{Error, Result};
+use crate::mm::Mm;
+use crate::notifier::OwnerId;
+use crate::os::mm::Mapping;
+use crate::sync::{AtomicU64, Mutex, Ordering};
+
+/// The first PFN handed to device pagemaps: 2^40 frames is 4 PiB, past any
+/// physical address (x86_64 has at most 52 bits, 2^40 frames).
+pub const DEVICE_PFN_BASE: u64 = 1 << 40;
+
+/// `enum memory_type`, the kinds a pagemap can be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    /// `MEMORY_DEVICE_PRIVATE`: not CPU-addressable; a CPU touch migrates
+    /// the page back to system memory.
+    Private,
+    /// `MEMORY_DEVICE_COHERENT`: CPU-addressable device memory.
+    Coherent,
+}
+
+/// Where a pagemap's page data lives (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// The device's own memory: data is copied in and out.
+    Device,
+    /// Ordinary pages of this process: data is moved with `UFFDIO_MOVE`.
+    Host,
+}
+
+impl Storage {
+    /// `HMM_DMIRROR_STORAGE=host` picks [`Storage::Host`]; anything else,
+    /// or nothing, [`Storage::Device`].
+    pub fn from_env() -> Storage {
+        match std::env::var("HMM_DMIRROR_STORAGE").as_deref() {
+            Ok("host") => Storage::Host,
+            _ => Storage::Device,
+        }
+    }
+}
+
+/// The driver's callbacks (`struct dev_pagemap_ops`).
+pub trait PagemapOps: Send + Sync + 'static {
+    /// The last reference to `page` dropped (`page_free`). The page goes
+    /// back to the free list after this returns.
+    fn page_free(&self, page: &PageRef<'_>);
+
+    /// The CPU touched `page`, mapped at `addr` (`migrate_to_ram`). Returns
+    /// how many pages, from the faulting one on, to bring back in the same
+    /// batch (at least 1; the library stops early at a page that is not
+    /// this pagemap's or not contiguous). `Err` refuses: the faulting
+    /// access gets `SIGBUS`, as when the kernel's handler fails.
+    ///
+    /// # Errors
+    /// Whatever the driver reports; the library only logs it.
+    fn migrate_to_ram(&self, page: &PageRef<'_>, addr: VirtAddr) -> Result<u64> {
+        let _ = (page, addr);
+        Ok(1)
+    }
+}
+
+/// A page being freed or faulted, as the callbacks see it.
+#[derive(Debug)]
+pub struct PageRef<'a> {
+    pgmap: &'a PagemapInner,
+    index: u64,
+}
+
+impl PageRef<'_> {
+    /// Index of the page in its pagemap.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The page's PFN.
+    pub fn pfn(&self) -> u64 {
+        self.pgmap.base_pfn + self.index
+    }
+
+    /// The driver's word (`zone_device_data`).
+    pub fn driver_data(&self) -> u64 {
+        self.pgmap.pages[self.index as usize]
+            .driver_data
+            .load(Ordering::Relaxed)
+    }
+}
+
+/// Per-page state.
+#[derive(Debug, Default)]
+struct PageSlot {
+    refs: AtomicU64,
+    driver_data: AtomicU64,
+}
+
+pub(crate) struct PagemapInner {
+    kind: MemoryType,
+    storage: Storage,
+    owner: OwnerId,
+    base_pfn: u64,
+    npages: u64,
+    ops: Box<dyn PagemapOps>,
+    pages: Vec<PageSlot>,
+    free: Mutex<Vec<u64>>,
+    /// One page per device page ([`Storage::Device`]).
+    device_mem: Option<Mutex<Vec<u8>>>,
+    /// The host region ([`Storage::Host`]), registered with the mover
+    /// userfaultfd so pages can be moved in.
+    host: Option<Mapping>,
+    /// Fault injection: the next allocations fail.
+    fail_alloc: AtomicU64,
+    mm: Mm,
+}
+
+impl fmt::Debug for PagemapInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevPagemap")
+            .field("kind", &self.kind)
+            .field("storage", &self.storage)
+            .field("owner", &self.owner)
+            .field("pfns", &(self.base_pfn..self.base_pfn + self.npages))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every live pagemap by its first PFN.
+fn registry() -> &'static Mutex<BTreeMap<u64, Weak<PagemapInner>>> {
+    static REG: std::sync::OnceLock<Mutex<BTreeMap<u64, Weak<PagemapInner>>>> =
+        std::sync::OnceLock::new();
+    REG.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// PFNs are never reused, so a stale PFN never names another pagemap's page.
+static NEXT_PFN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEVICE_PFN_BASE);
+
+/// The page a device PFN names, if its pagemap is alive and the page allocated.
+pub fn lookup_pfn(pfn: u64) -> Option<DevicePage> {
+    let pgmap = {
+        let reg = registry().lock();
+        let (_, w) = reg.range(..=pfn).next_back()?;
+        w.upgrade()?
+    };
+    let index = pfn.checked_sub(pgmap.base_pfn)?;
+    if index >= pgmap.npages {
+        return None;
+    }
+    DevicePage::try_get(pgmap, index)
+}
+
+/// Whether `pfn` is in the range device pagemaps are given.
+pub fn is_device_pfn(pfn: u64) -> bool {
+    pfn >= DEVICE_PFN_BASE
+}
+
+/// A device's pagemap (`struct dev_pagemap` after `memremap_pages`).
+///
+/// Dropping it evicts: every page still mapped by the process migrates back
+/// to system memory first.
+#[derive(Debug)]
+pub struct DevPagemap {
+    inner: Arc<PagemapInner>,
+}
+
+impl DevPagemap {
+    /// Registers a pagemap of `npages` pages (`memremap_pages`).
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for zero pages; [`Error::Unsupported`] for
+    /// [`MemoryType::Coherent`] (not built yet); [`Error::Os`] when the host
+    /// region cannot be mapped or registered.
+    pub fn new(
+        mm: &Mm,
+        kind: MemoryType,
+        npages: u64,
+        owner: OwnerId,
+        storage: Storage,
+        ops: Box<dyn PagemapOps>,
+    ) -> Result<DevPagemap> {
+        if npages == 0 {
+            return Err(Error::Inval("a pagemap needs at least one page"));
+        }
+        if kind == MemoryType::Coherent {
+            return Err(Error::Unsupported {
+                feature: "device-coherent memory",
+                hint: "not implemented yet; use MemoryType::Private",
+            });
+        }
+        let bytes = npages.checked_mul(PAGE_SIZE).ok_or(Error::Overflow)?;
+        let (device_mem, host) = match storage {
+            Storage::Device => {
+                let len = usize::try_from(bytes).map_err(|_| Error::Overflow)?;
+                (Some(Mutex::new(vec![0u8; len])), None)
+            }
+            Storage::Host => (None, Some(mm.core()?.host_region(bytes)?)),
+        };
+        let base_pfn = NEXT_PFN.fetch_add(npages, std::sync::atomic::Ordering::Relaxed);
+        let inner = Arc::new(PagemapInner {
+            kind,
+            storage,
+            owner,
+            base_pfn,
+            npages,
+            ops,
+            pages: (0..npages).map(|_| PageSlot::default()).collect(),
+            free: Mutex::new((0..npages).rev().collect()),
+            device_mem,
+            host,
+            fail_alloc: AtomicU64::new(0),
+            mm: mm.clone(),
+        });
+        registry().lock().insert(base_pfn, Arc::downgrade(&inner));
+        Ok(DevPagemap { inner })
+    }
+
+    /// The owner (`pgmap->owner`): migration and range faults compare it.
+    pub fn owner(&self) -> OwnerId {
+        self.inner.owner
+    }
+
+    /// The kind of memory.
+    pub fn kind(&self) -> MemoryType {
+        self.inner.kind
+    }
+
+    /// Where the data lives.
+    pub fn storage(&self) -> Storage {
+        self.inner.storage
+    }
+
+    /// The first PFN and the number of pages.
+    pub fn pfn_range(&self) -> (u64, u64) {
+        (self.inner.base_pfn, self.inner.npages)
+    }
+
+    /// Pages not allocated.
+    pub fn free_pages(&self) -> u64 {
+        self.inner.free.lock().len() as u64
+    }
+
+    /// Allocates a page with one reference (`zone_device_page_init`).
+    ///
+    /// # Errors
+    /// [`Error::NoMem`] when every page is in use, or when fault injection
+    /// ([`DevPagemap::fail_next_allocs`]) says so.
+    pub fn alloc_page(&self) -> Result<DevicePage> {
+        if self
+            .inner
+            .fail_alloc
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::NoMem);
+        }
+        let index = self.inner.free.lock().pop().ok_or(Error::NoMem)?;
+        let slot = &self.inner.pages[index as usize];
+        slot.driver_data.store(0, Ordering::Relaxed);
+        slot.refs.store(1, Ordering::Release);
+        Ok(DevicePage {
+            pgmap: self.inner.clone(),
+            index,
+        })
+    }
+
+    /// Makes the next `n` allocations fail (fault injection).
+    pub fn fail_next_allocs(&self, n: u64) {
+        self.inner.fail_alloc.store(n, Ordering::Release);
+    }
+
+    /// Migrates every page of this pagemap that the process maps back to
+    /// system memory (`migrate_device_range` over the whole pagemap, as a
+    /// driver does before `memunmap_pages`). Returns how many moved.
+    ///
+    /// # Errors
+    /// As [`crate::migrate::migrate_to_system`].
+    pub fn evict(&self) -> Result<u64> {
+        let core = self.inner.mm.core()?;
+        core.evict_pagemap(&self.inner)
+    }
+}
+
+impl Drop for DevPagemap {
+    fn drop(&mut self) {
+        if let Err(e) = self.evict() {
+            tracing::warn!("evicting {:?}: {e}", self.inner);
+        }
+    }
+}
+
+impl Drop for PagemapInner {
+    fn drop(&mut self) {
+        registry().lock().remove(&self.base_pfn);
+    }
+}
+
+/// A counted reference to a device page.
+pub struct DevicePage {
+    pgmap: Arc<PagemapInner>,
+    index: u64,
+}
+
+impl fmt::Debug for DevicePage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DevicePage(pfn {:#x})", self.pfn())
+    }
+}
+
+impl DevicePage {
+    fn try_get(pgmap: Arc<PagemapInner>, index: u64) -> Option<DevicePage> {
+        let slot = &pgmap.pages[index as usize];
+        slot.refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 0).then_some(n + 1)
+            })
+            .ok()?;
+        Some(DevicePage { pgmap, index })
+    }
+
+    /// The page's PFN.
+    pub fn pfn(&self) -> u64 {
+        self.pgmap.base_pfn + self.index
+    }
+
+    /// Index in its pagemap.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The owner of its pagemap.
+    pub fn owner(&self) -> OwnerId {
+        self.pgmap.owner
+    }
+
+    /// The kind of its pagemap.
+    pub fn kind(&self) -> MemoryType {
+        self.pgmap.kind
+    }
+
+    /// Where its data lives.
+    pub fn storage(&self) -> Storage {
+        self.pgmap.storage
+    }
+
+    /// The driver's word.
+    pub fn driver_data(&self) -> u64 {
+        self.slot().driver_data.load(Ordering::Relaxed)
+    }
+
+    /// Sets the driver's word.
+    pub fn set_driver_data(&self, v: u64) {
+        self.slot().driver_data.store(v, Ordering::Relaxed);
+    }
+
+    /// How many references the page has now.
+    pub fn refcount(&self) -> u64 {
+        self.slot().refs.load(Ordering::Acquire)
+    }
+
+    /// Whether both handles name the same page.
+    pub fn same_page(&self, other: &DevicePage) -> bool {
+        Arc::ptr_eq(&self.pgmap, &other.pgmap) && self.index == other.index
+    }
+
+    fn slot(&self) -> &PageSlot {
+        &self.pgmap.pages[self.index as usize]
+    }
+
+    /// The host address of the page's storage ([`Storage::Host`] only).
+    pub(crate) fn host_addr(&self) -> Option<VirtAddr> {
+        let host = self.pgmap.host.as_ref()?;
+        Some(VirtAddr(host.addr().get() + (self.index << PAGE_SHIFT)))
+    }
+
+    /// Copies the page's data into `out` (one page).
+    ///
+    /// For [`Storage::Host`] the data is read from the host page (an absent
+    /// host page reads as zeros).
+    pub fn read(&self, out: &mut [u8]) -> Result<()> {
+        let n = (PAGE_SIZE as usize).min(out.len());
+        let off = (self.index << PAGE_SHIFT) as usize;
+        match (&self.pgmap.device_mem, self.host_addr()) {
+            (Some(mem), _) => out[..n].copy_from_slice(&mem.lock()[off..off + n]),
+            (None, Some(addr)) => {
+                crate::os::process_vm::read(addr, &mut out[..n])
+                    .map_err(|e| Error::os("process_vm_readv", e))?;
+            }
+            (None, None) => return Err(Error::Inval("pagemap without storage")),
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (at most a page) into the page at byte `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > PAGE_SIZE as usize {
+            return Err(Error::Inval("write past the end of a device page"));
+        }
+        let off = (self.index << PAGE_SHIFT) as usize + offset;
+        match (&self.pgmap.device_mem, self.host_addr()) {
+            (Some(mem), _) => mem.lock()[off..off + data.len()].copy_from_slice(data),
+            (None, Some(addr)) => {
+                crate::os::process_vm::write(VirtAddr(addr.get() + offset as u64), data)
+                    .map_err(|e| Error::os("process_vm_writev", e))?;
+            }
+            (None, None) => return Err(Error::Inval("pagemap without storage")),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn pagemap(&self) -> &Arc<PagemapInner> {
+        &self.pgmap
+    }
+}
+
+impl Clone for DevicePage {
+    fn clone(&self) -> Self {
+        self.slot().refs.fetch_add(1, Ordering::AcqRel);
+        DevicePage {
+            pgmap: self.pgmap.clone(),
+            index: self.index,
+        }
+    }
+}
+
+impl Drop for DevicePage {
+    fn drop(&mut self) {
+        if self.slot().refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let r = PageRef {
+            pgmap: &self.pgmap,
+            index: self.index,
+        };
+        self.pgmap.ops.page_free(&r);
+        if let Some(host) = &self.pgmap.host {
+            // The data of a freed page must not show in the next one.
+            let at = VirtAddr(host.addr().get() + (self.index << PAGE_SHIFT));
+            if let Ok(page) = crate::addr::VaRange::from_len(at, PAGE_SIZE) {
+                let _ = crate::os::mm::dontneed(page);
+            }
+        } else if let Some(mem) = &self.pgmap.device_mem {
+            let off = (self.index << PAGE_SHIFT) as usize;
+            mem.lock()[off..off + PAGE_SIZE as usize].fill(0);
+        }
+        self.pgmap.free.lock().push(self.index);
+    }
+}
+
+impl PagemapInner {
+    pub(crate) fn ops(&self) -> &dyn PagemapOps {
+        &*self.ops
+    }
+
+    pub(crate) fn page_ref(&self, index: u64) -> PageRef<'_> {
+        PageRef { pgmap: self, index }
+    }
+}

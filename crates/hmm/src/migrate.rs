@@ -1,0 +1,993 @@
+//! Migration between system memory and device memory (`mm/migrate_device.c`).
+//!
+//! # The three steps
+//! [`MigrateVma::setup`] collects the pages of one VMA's range that
+//! `flags` select and isolates them; the driver allocates a destination for
+//! each entry it wants and hands it to [`MigrateVma::set_dst`] (which
+//! copies the data, or moves it for a device whose memory is ordinary
+//! pages); [`MigrateVma::pages`] commits; [`MigrateVma::finalize`] (or
+//! dropping the `MigrateVma`) restores what did not move. Entries use the
+//! kernel's encoding ([`migrate_pfn`], [`MIGRATE_PFN_VALID`], ...).
+//!
+//! # How a page leaves the CPU
+//! A device-private page has no CPU mapping: its address is an absent page
+//! in a VMA registered for userfaultfd MISSING faults, and the `Mm`'s
+//! device table says which device page holds the data. Isolation takes the
+//! CPU pages out of the address space at once with `UFFDIO_MOVE` into a
+//! staging region (no copy; holes are skipped), so a CPU access during the
+//! migration faults instead of writing to a page being copied: the service
+//! thread parks such a fault and the migration serves it when it ends
+//! (the kernel's wait on a migration entry). Where `UFFDIO_MOVE` cannot
+//! take a page (a page shared copy-on-write with a child, or a VMA without
+//! write permission, where the CPU cannot write anyway) the data is copied
+//! and the page zapped with `MADV_DONTNEED`.
+//!
+//! # How it comes back
+//! A CPU touch of a device-private page raises a MISSING fault; the service
+//! thread asks the owner's [`PagemapOps::migrate_to_ram`] how many pages to
+//! bring back, invalidates them, and installs the data with one
+//! `UFFDIO_COPY` per contiguous run (a copying device) or `UFFDIO_MOVE` per
+//! page (a device keeping its data in host pages), which also wakes the
+//! faulting thread. [`migrate_to_system`] does the same on request.
+//!
+//! # What the address space does to device pages
+//! `munmap` and `MADV_DONTNEED` free them (their events reach the service
+//! thread, which drops the table entries); `mremap` moves the entries with
+//! the mapping. A page isolated by a migration in progress is marked dead
+//! instead, and the migration drops it when it commits.
+
+use std::collections::BTreeMap;
+
+use bitflags::bitflags;
+use rustix::io::Errno;
+use tracing::warn;
+
+use crate::addr::{PAGE_SHIFT, PAGE_SIZE, VaRange, VirtAddr};
+use crate::devmem::{DevicePage, PagemapInner, PagemapOps, Storage};
+use crate::error::{Error, Result};
+use crate::mm::{Mm, MmCore};
+use crate::notifier::{Event, NotifierRange, OwnerId};
+use crate::os::mm::Mapping;
+use crate::os::pagemap::Entry;
+use crate::os::procmap::{Vma, VmaFlags};
+use crate::os::uffd::RegisterMode;
+
+/// `MIGRATE_PFN_VALID`: the entry holds a page.
+pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
+/// `MIGRATE_PFN_MIGRATE`: the entry migrates.
+pub const MIGRATE_PFN_MIGRATE: u64 = 1 << 1;
+/// `MIGRATE_PFN_WRITE`: the page is mapped writable.
+pub const MIGRATE_PFN_WRITE: u64 = 1 << 3;
+/// `MIGRATE_PFN_SHIFT`: where the PFN starts in an entry.
+pub const MIGRATE_PFN_SHIFT: u32 = 6;
+
+/// `migrate_pfn(pfn)`: `pfn << MIGRATE_PFN_SHIFT | MIGRATE_PFN_VALID`.
+pub const fn migrate_pfn(pfn: u64) -> u64 {
+    (pfn << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
+}
+
+/// The PFN of an entry with `MIGRATE_PFN_VALID`, else `None`.
+pub const fn migrate_pfn_to_pfn(entry: u64) -> Option<u64> {
+    if entry & MIGRATE_PFN_VALID != 0 {
+        Some(entry >> MIGRATE_PFN_SHIFT)
+    } else {
+        None
+    }
+}
+
+bitflags! {
+    /// `enum migrate_vma_direction`: which pages setup selects.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct MigrateSelect: u32 {
+        /// `MIGRATE_VMA_SELECT_SYSTEM`: system memory pages and holes.
+        const SYSTEM = 1;
+        /// `MIGRATE_VMA_SELECT_DEVICE_PRIVATE`: device-private pages of `pgmap_owner`.
+        const DEVICE_PRIVATE = 2;
+        /// `MIGRATE_VMA_SELECT_DEVICE_COHERENT`: device-coherent pages of `pgmap_owner`.
+        const DEVICE_COHERENT = 4;
+    }
+}
+
+/// One page of the address space held by device memory or by a migration.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    /// A device-private page; the CPU page is absent.
+    Device { page: DevicePage, writable: bool },
+    /// Isolated by migration `id` as its entry `index`.
+    Migrating {
+        id: u64,
+        index: usize,
+        /// Unmapped or discarded meanwhile: drop, do not commit or restore.
+        dead: bool,
+        /// The migration zaps the CPU page itself: its `REMOVE` event is
+        /// not a discard.
+        removing: bool,
+    },
+}
+
+/// The device table of an address space (the device-private swap entries).
+#[derive(Debug, Default)]
+pub(crate) struct DevState {
+    /// By virtual page number.
+    slots: BTreeMap<u64, Slot>,
+    /// Where each isolated entry is now: `(migration, index)` → page number.
+    inflight: BTreeMap<(u64, usize), u64>,
+    /// Faults that came while their page was isolated.
+    parked: Vec<(u64, bool)>,
+    next_id: u64,
+}
+
+impl DevState {
+    /// Number of device-private pages mapped.
+    pub(crate) fn device_pages(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s, Slot::Device { .. }))
+            .count()
+    }
+
+    /// The device pages in `range`: `(page offset, pfn, writable, owner)`.
+    pub(crate) fn device_pages_in(&self, range: VaRange) -> Vec<(u64, u64, bool, OwnerId)> {
+        let (lo, hi) = (range.start().page_index(), range.end().page_index());
+        self.slots
+            .range(lo..hi)
+            .filter_map(|(&k, s)| match s {
+                Slot::Device { page, writable } => {
+                    Some((k - lo, page.pfn(), *writable, page.owner()))
+                }
+                Slot::Migrating { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The device page at virtual page `vpn`, if any.
+    pub(crate) fn device_page(&self, vpn: u64) -> Option<(&DevicePage, bool)> {
+        match self.slots.get(&vpn) {
+            Some(Slot::Device { page, writable }) => Some((page, *writable)),
+            _ => None,
+        }
+    }
+
+    /// Drops what `[start, end)` held: device pages are freed, isolated
+    /// pages marked dead (unless `remove` and the migration zaps them itself).
+    /// Returns the device pages, to be dropped outside the lock.
+    pub(crate) fn discard(&mut self, range: VaRange, remove: bool) -> Vec<DevicePage> {
+        let (lo, hi) = (range.start().page_index(), range.end().page_index());
+        let keys: Vec<u64> = self.slots.range(lo..hi).map(|(&k, _)| k).collect();
+        let mut freed = Vec::new();
+        for k in keys {
+            match self.slots.get_mut(&k) {
+                Some(Slot::Migrating { dead, removing, .. }) => {
+                    if remove && *removing {
+                        *removing = false;
+                    } else {
+                        *dead = true;
+                    }
+                }
+                Some(Slot::Device { .. }) => {
+                    if let Some(Slot::Device { page, .. }) = self.slots.remove(&k) {
+                        freed.push(page);
+                    }
+                }
+                None => {}
+            }
+        }
+        freed
+    }
+
+    /// Moves what `[from, from + len)` held to `to` (mremap). Returns pages
+    /// the move overwrote (a destination that held device pages).
+    pub(crate) fn remap(&mut self, from: VirtAddr, to: VirtAddr, len: u64) -> Vec<DevicePage> {
+        let (lo, n) = (from.page_index(), len >> PAGE_SHIFT);
+        let dst = to.page_index();
+        let moved: Vec<(u64, Slot)> = {
+            let keys: Vec<u64> = self.slots.range(lo..lo + n).map(|(&k, _)| k).collect();
+            keys.into_iter()
+                .filter_map(|k| self.slots.remove(&k).map(|s| (k, s)))
+                .collect()
+        };
+        let mut freed = Vec::new();
+        if let Ok(old_dst) = VaRange::from_len(to, len) {
+            freed = self.discard(old_dst, false);
+        }
+        for (k, s) in moved {
+            let nk = dst + (k - lo);
+            if let Slot::Migrating { id, index, .. } = &s {
+                self.inflight.insert((*id, *index), nk);
+            }
+            self.slots.insert(nk, s);
+        }
+        freed
+    }
+}
+
+/// What setup found at one page.
+#[derive(Debug)]
+enum Source {
+    /// Not selected.
+    None,
+    /// A hole or the zero page: the destination starts zeroed.
+    Empty,
+    /// A system page, now at entry `index` of the staging region.
+    Staged,
+    /// A device page.
+    Device(DevicePage),
+}
+
+/// A destination chosen by the driver.
+#[derive(Debug)]
+enum Dest {
+    None,
+    Device { page: DevicePage, writable: bool },
+    System,
+}
+
+/// One migration (`struct migrate_vma`).
+#[derive(Debug)]
+pub struct MigrateVma {
+    core: std::sync::Arc<MmCore>,
+    id: u64,
+    start: VirtAddr,
+    end: VirtAddr,
+    owner: Option<OwnerId>,
+    src: Vec<u64>,
+    dst: Vec<u64>,
+    sources: Vec<Source>,
+    dests: Vec<Dest>,
+    cpages: u64,
+    staging: Option<Mapping>,
+    /// The VMA can be written (moving pages in and out needs that).
+    writable_vma: bool,
+    committed: bool,
+    finalized: bool,
+}
+
+impl MigrateVma {
+    /// `migrate_vma_setup`: collects and isolates the pages of
+    /// `[start, end)` that `flags` select. The range must lie in one VMA.
+    ///
+    /// `cpages` counts the entries selected (holes included); `src[i]` is 0
+    /// for a page not selected, `MIGRATE` alone for a hole or the zero page,
+    /// and `migrate_pfn(pfn) | MIGRATE [| WRITE]` for a page. Shared, file
+    /// and hugetlb pages are not selected; another owner's device pages are
+    /// not selected; under `SELECT_SYSTEM` device pages are not selected.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] (the kernel's `-EINVAL`) for an empty or misaligned
+    /// range, no VMA at `start`, a range past its VMA, or a hugetlb VMA;
+    /// [`Error::Released`]; [`Error::Os`] when a system call fails.
+    pub fn setup(
+        mm: &Mm,
+        start: VirtAddr,
+        end: VirtAddr,
+        flags: MigrateSelect,
+        pgmap_owner: Option<OwnerId>,
+    ) -> Result<MigrateVma> {
+        let core = mm.core()?.clone();
+        if !start.is_page_aligned() || !end.is_page_aligned() || end <= start {
+            return Err(Error::Inval("migrate range empty or not page aligned"));
+        }
+        let range = VaRange::new(start, end)?;
+        let gate = core.clone();
+        let _walk = gate.fork_gate.walk();
+        let vma = core
+            .maps
+            .query(start, false)
+            .map_err(|e| Error::os("PROCMAP_QUERY", e))?
+            .ok_or(Error::Inval("no VMA at the start of the migrate range"))?;
+        if end > vma.end {
+            return Err(Error::Inval("migrate range past the end of its VMA"));
+        }
+        if vma.page_size != PAGE_SIZE {
+            return Err(Error::Inval("hugetlb VMAs do not migrate"));
+        }
+        let npages = range.npages() as usize;
+        let mut m = MigrateVma {
+            id: {
+                let mut st = core.dev.lock();
+                st.next_id += 1;
+                st.next_id
+            },
+            core,
+            start,
+            end,
+            owner: pgmap_owner,
+            src: vec![0; npages],
+            dst: vec![0; npages],
+            sources: (0..npages).map(|_| Source::None).collect(),
+            dests: (0..npages).map(|_| Dest::None).collect(),
+            cpages: 0,
+            staging: None,
+            writable_vma: vma.flags.contains(VmaFlags::WRITE),
+            committed: false,
+            finalized: false,
+        };
+        if !vma.is_private_anon() {
+            // Shared and file pages never migrate to device-private memory.
+            m.finalized = true;
+            return Ok(m);
+        }
+        m.collect(&vma, range, flags)?;
+        Ok(m)
+    }
+
+    fn collect(&mut self, vma: &Vma, range: VaRange, flags: MigrateSelect) -> Result<()> {
+        let core = self.core.clone();
+        // Device pages must fault to the service thread when touched.
+        core.register_missing(vma)?;
+        let npages = range.npages() as usize;
+        let mut entries = vec![Entry(0); npages];
+        core.pagemap
+            .read_entries(range, &mut entries)
+            .map_err(|e| Error::os("pread /proc/self/pagemap", e))?;
+        let base = range.start().page_index();
+        // The kernel brackets the collection with a MIGRATE invalidation.
+        core.invalidate_range(range, Event::Migrate, self.owner);
+        let mut st = core.dev.lock();
+        let mut any_present = false;
+        for (i, e) in entries.iter().enumerate() {
+            let vpn = base + i as u64;
+            let dev = st.device_page(vpn).map(|(p, w)| (p.clone(), w));
+            let (source, src) = if let Some((page, writable)) = dev {
+                if flags.contains(MigrateSelect::DEVICE_PRIVATE) && self.owner == Some(page.owner())
+                {
+                    let w = if writable { MIGRATE_PFN_WRITE } else { 0 };
+                    let pfn = page.pfn();
+                    (
+                        Source::Device(page),
+                        migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | w,
+                    )
+                } else {
+                    (Source::None, 0)
+                }
+            } else if st.slots.contains_key(&vpn) {
+                // Isolated by another migration.
+                (Source::None, 0)
+            } else if !flags.contains(MigrateSelect::SYSTEM) {
+                (Source::None, 0)
+            } else if e.present() {
+                if e.pfn() == core.zero_pfn && e.pfn() != 0 {
+                    (Source::Empty, MIGRATE_PFN_MIGRATE)
+                } else {
+                    any_present = true;
+                    let w = if vma.flags.contains(VmaFlags::WRITE) && e.exclusive() {
+                        MIGRATE_PFN_WRITE
+                    } else {
+                        0
+                    };
+                    (
+                        Source::Staged,
+                        migrate_pfn(e.pfn()) | MIGRATE_PFN_MIGRATE | w,
+                    )
+                }
+            } else if e.swapped() {
+                // Swapped out: fault it in first? The kernel skips swap entries.
+                (Source::None, 0)
+            } else {
+                (Source::Empty, MIGRATE_PFN_MIGRATE)
+            };
+            if src & MIGRATE_PFN_MIGRATE != 0 {
+                st.slots.insert(
+                    vpn,
+                    Slot::Migrating {
+                        id: self.id,
+                        index: i,
+                        dead: false,
+                        removing: false,
+                    },
+                );
+                st.inflight.insert((self.id, i), vpn);
+                self.cpages += 1;
+            }
+            self.src[i] = src;
+            self.sources[i] = source;
+        }
+        drop(st);
+        // Take the system pages (and zero pages) out of the address space.
+        if any_present || self.sources.iter().any(|s| matches!(s, Source::Empty)) {
+            self.isolate(range)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the selected CPU pages of `range` into the staging region.
+    fn isolate(&mut self, range: VaRange) -> Result<()> {
+        let core = self.core.clone();
+        let staging = core.host_region(range.len())?;
+        let npages = range.npages() as usize;
+        let mut i = 0;
+        while i < npages {
+            if !matches!(self.sources[i], Source::Staged | Source::Empty) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < npages && matches!(self.sources[j], Source::Staged | Source::Empty) {
+                j += 1;
+            }
+            self.isolate_run(&staging, range.start(), i, j)?;
+            i = j;
+        }
+        self.staging = Some(staging);
+        Ok(())
+    }
+
+    fn isolate_run(
+        &mut self,
+        staging: &Mapping,
+        start: VirtAddr,
+        from: usize,
+        to: usize,
+    ) -> Result<()> {
+        let core = self.core.clone();
+        let mut i = from;
+        while i < to {
+            let src = VirtAddr(start.get() + ((i as u64) << PAGE_SHIFT));
+            let dst = VirtAddr(staging.addr().get() + ((i as u64) << PAGE_SHIFT));
+            let len = ((to - i) as u64) << PAGE_SHIFT;
+            let (moved, res) = if self.writable_vma {
+                core.mover()?.move_partial(dst, src, len, true, true)
+            } else {
+                (0, Err(Errno::INVAL))
+            };
+            i += (moved >> PAGE_SHIFT) as usize;
+            match res {
+                Ok(()) => break,
+                Err(_) if i < to => {
+                    // The page at `i` cannot be moved: copy it and zap it.
+                    self.copy_and_zap(staging, start, i)?;
+                    i += 1;
+                }
+                Err(e) => return Err(Error::os("UFFDIO_MOVE", e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_and_zap(&mut self, staging: &Mapping, start: VirtAddr, i: usize) -> Result<()> {
+        let core = self.core.clone();
+        let at = VirtAddr(start.get() + ((i as u64) << PAGE_SHIFT));
+        if matches!(self.sources[i], Source::Staged) {
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            match crate::os::process_vm::read(at, &mut buf) {
+                Ok(_) => {
+                    let dst = VirtAddr(staging.addr().get() + ((i as u64) << PAGE_SHIFT));
+                    core.mover()?
+                        .copy(dst, &buf, true)
+                        .map_err(|e| Error::os("UFFDIO_COPY", e))?;
+                }
+                Err(_) => self.sources[i] = Source::Empty,
+            }
+        }
+        let page = VaRange::from_len(at, PAGE_SIZE)?;
+        {
+            let mut st = core.dev.lock();
+            if let Some(Slot::Migrating { removing, .. }) = st.slots.get_mut(&at.page_index()) {
+                *removing = true;
+            }
+        }
+        crate::os::mm::dontneed(page).map_err(|e| Error::os("madvise(MADV_DONTNEED)", e))?;
+        Ok(())
+    }
+
+    /// First address.
+    pub fn start(&self) -> VirtAddr {
+        self.start
+    }
+
+    /// End (exclusive).
+    pub fn end(&self) -> VirtAddr {
+        self.end
+    }
+
+    /// `npages`: entries.
+    pub fn npages(&self) -> u64 {
+        self.src.len() as u64
+    }
+
+    /// `cpages`: entries selected by setup.
+    pub fn cpages(&self) -> u64 {
+        self.cpages
+    }
+
+    /// The source entries.
+    pub fn src(&self) -> &[u64] {
+        &self.src
+    }
+
+    /// The destination entries.
+    pub fn dst(&self) -> &[u64] {
+        &self.dst
+    }
+
+    /// The device page an entry's source is, for device → somewhere migrations.
+    pub fn src_device_page(&self, i: usize) -> Option<&DevicePage> {
+        match self.sources.get(i) {
+            Some(Source::Device(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Gives entry `i` a device page as destination and copies (or, for a
+    /// device with host storage and a system source, moves) the data into it.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for an entry that does not migrate or after
+    /// [`MigrateVma::pages`]; [`Error::Os`] when the copy fails.
+    pub fn set_dst(&mut self, i: usize, page: DevicePage) -> Result<()> {
+        self.check_settable(i)?;
+        match &self.sources[i] {
+            Source::Staged => {
+                let staged = self.staged_addr(i)?;
+                match (page.storage(), page.host_addr()) {
+                    (Storage::Host, Some(host)) => {
+                        self.core
+                            .mover()?
+                            .move_pages(host, staged, PAGE_SIZE, true, true)
+                            .map_err(|e| Error::os("UFFDIO_MOVE", e))?;
+                    }
+                    _ => {
+                        let mut buf = vec![0u8; PAGE_SIZE as usize];
+                        crate::os::process_vm::read(staged, &mut buf)
+                            .map_err(|e| Error::os("process_vm_readv", e))?;
+                        page.write(0, &buf)?;
+                    }
+                }
+            }
+            Source::Device(from) => {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                from.read(&mut buf)?;
+                page.write(0, &buf)?;
+            }
+            // A fresh device page is zeroed.
+            Source::Empty | Source::None => {}
+        }
+        let writable = self.writable_vma;
+        self.dst[i] = migrate_pfn(page.pfn()) | if writable { MIGRATE_PFN_WRITE } else { 0 };
+        self.dests[i] = Dest::Device { page, writable };
+        Ok(())
+    }
+
+    /// Gives entry `i` system memory as destination (device → system).
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for an entry that does not migrate or whose source
+    /// is not a device page.
+    pub fn set_dst_system(&mut self, i: usize) -> Result<()> {
+        self.check_settable(i)?;
+        if !matches!(self.sources[i], Source::Device(_)) {
+            return Err(Error::Inval("only a device page migrates to system memory"));
+        }
+        self.dst[i] = MIGRATE_PFN_VALID;
+        self.dests[i] = Dest::System;
+        Ok(())
+    }
+
+    fn check_settable(&self, i: usize) -> Result<()> {
+        if self.committed || self.finalized {
+            return Err(Error::Inval(
+                "destinations are set before migrate_vma_pages",
+            ));
+        }
+        if self.src.get(i).is_none_or(|s| s & MIGRATE_PFN_MIGRATE == 0) {
+            return Err(Error::Inval("the entry does not migrate"));
+        }
+        Ok(())
+    }
+
+    fn staged_addr(&self, i: usize) -> Result<VirtAddr> {
+        let s = self
+            .staging
+            .as_ref()
+            .ok_or(Error::Inval("no staged source"))?;
+        Ok(VirtAddr(s.addr().get() + ((i as u64) << PAGE_SHIFT)))
+    }
+
+    /// `migrate_vma_pages`: commits every entry with a destination. After
+    /// it, `src[i]` still has `MIGRATE` exactly for the entries that moved.
+    pub fn pages(&mut self) {
+        if self.committed || self.finalized {
+            return;
+        }
+        self.committed = true;
+        let core = self.core.clone();
+        let mut to_system = Vec::new();
+        let mut freed = Vec::new();
+        {
+            let mut st = core.dev.lock();
+            for i in 0..self.src.len() {
+                if self.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                    continue;
+                }
+                let Some(&vpn) = st.inflight.get(&(self.id, i)) else {
+                    self.src[i] &= !MIGRATE_PFN_MIGRATE;
+                    continue;
+                };
+                let dead = matches!(st.slots.get(&vpn), Some(Slot::Migrating { dead: true, .. }));
+                match std::mem::replace(&mut self.dests[i], Dest::None) {
+                    Dest::None => self.src[i] &= !MIGRATE_PFN_MIGRATE,
+                    Dest::Device { page, writable } => {
+                        if dead {
+                            freed.push(page);
+                            continue;
+                        }
+                        st.slots.insert(vpn, Slot::Device { page, writable });
+                        st.inflight.remove(&(self.id, i));
+                    }
+                    Dest::System => {
+                        if !dead {
+                            to_system.push((i, vpn));
+                        }
+                    }
+                }
+            }
+        }
+        drop(freed);
+        for (i, vpn) in to_system {
+            if let Source::Device(page) = &self.sources[i] {
+                let at = VirtAddr(vpn << PAGE_SHIFT);
+                if let Err(e) = core.install_from_device(at, std::slice::from_ref(page), true) {
+                    warn!("migrating {at} to system memory: {e}");
+                    self.src[i] &= !MIGRATE_PFN_MIGRATE;
+                    continue;
+                }
+                let mut st = core.dev.lock();
+                st.slots.remove(&vpn);
+                st.inflight.remove(&(self.id, i));
+            }
+        }
+    }
+
+    /// `migrate_vma_finalize`: restores every entry that did not migrate
+    /// and serves the CPU faults that waited for this migration.
+    pub fn finalize(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.finalized {
+            return;
+        }
+        self.finalized = true;
+        let core = self.core.clone();
+        let mut restore = Vec::new();
+        let mut freed = Vec::new();
+        let parked;
+        {
+            let mut st = core.dev.lock();
+            let mine: Vec<((u64, usize), u64)> = st
+                .inflight
+                .range((self.id, 0)..(self.id + 1, 0))
+                .map(|(&k, &v)| (k, v))
+                .collect();
+            for ((_, i), vpn) in mine {
+                st.inflight.remove(&(self.id, i));
+                let dead = matches!(st.slots.get(&vpn), Some(Slot::Migrating { dead: true, .. }));
+                st.slots.remove(&vpn);
+                self.src[i] &= !MIGRATE_PFN_MIGRATE;
+                match std::mem::replace(&mut self.sources[i], Source::None) {
+                    Source::Device(page) if !dead => {
+                        let writable = self.writable_vma;
+                        st.slots.insert(vpn, Slot::Device { page, writable });
+                    }
+                    Source::Device(page) => freed.push(page),
+                    Source::Staged if !dead => restore.push((i, vpn)),
+                    _ => {}
+                }
+            }
+            for d in self.dests.iter_mut() {
+                if let Dest::Device { page, .. } = std::mem::replace(d, Dest::None) {
+                    freed.push(page);
+                }
+            }
+            parked = std::mem::take(&mut st.parked);
+        }
+        drop(freed);
+        for (i, vpn) in restore {
+            if let Err(e) = self.restore(i, VirtAddr(vpn << PAGE_SHIFT)) {
+                warn!("restoring {:#x}: {e}", vpn << PAGE_SHIFT);
+            }
+        }
+        // Let the faults that waited run again: the page is back, or is a
+        // device page now (and the retried fault migrates it back).
+        for (vpn, write) in parked {
+            core.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
+        }
+        self.staging = None;
+    }
+
+    fn restore(&self, i: usize, at: VirtAddr) -> Result<()> {
+        let staged = self.staged_addr(i)?;
+        let core = &self.core;
+        if self.writable_vma {
+            match core.uffd.move_pages(at, staged, PAGE_SIZE, false, false) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EXIST) => return Ok(()),
+                Err(_) => {}
+            }
+        }
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        crate::os::process_vm::read(staged, &mut buf)
+            .map_err(|e| Error::os("process_vm_readv", e))?;
+        match core.uffd.copy(at, &buf, false) {
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(Error::os("UFFDIO_COPY", e)),
+        }
+    }
+}
+
+impl Drop for MigrateVma {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Mm {
+    /// The device page mapped at the page holding `addr`, if any.
+    ///
+    /// # Errors
+    /// [`Error::Released`].
+    pub fn device_page_at(&self, addr: VirtAddr) -> Result<Option<DevicePage>> {
+        let core = self.core()?;
+        let st = core.dev.lock();
+        Ok(st.device_page(addr.page_index()).map(|(p, _)| p.clone()))
+    }
+
+    /// How many pages of the address space device memory holds.
+    ///
+    /// # Errors
+    /// [`Error::Released`].
+    pub fn device_pages(&self) -> Result<usize> {
+        Ok(self.core()?.dev.lock().device_pages())
+    }
+
+    /// The VMA covering `addr`, or the next one above it (`PROCMAP_QUERY`).
+    ///
+    /// # Errors
+    /// [`Error::Released`]; [`Error::Os`] when the query fails.
+    pub fn vma_at(&self, addr: VirtAddr) -> Result<Option<Vma>> {
+        self.core()?
+            .maps
+            .query(addr, true)
+            .map_err(|e| Error::os("PROCMAP_QUERY", e))
+    }
+}
+
+/// Migrates the device-private pages of `owner` in `range` back to system
+/// memory (the driver's explicit migrate-to-system). Returns how many moved.
+///
+/// # Errors
+/// [`Error::Released`]; [`Error::Os`] when installing the data fails.
+pub fn migrate_to_system(mm: &Mm, range: VaRange, owner: OwnerId) -> Result<u64> {
+    let core = mm.core()?.clone();
+    core.bring_back(range, |p| p.owner() == owner)
+}
+
+impl MmCore {
+    /// Brings back every device page in `range` for which `which` holds.
+    pub(crate) fn bring_back(
+        &self,
+        range: VaRange,
+        which: impl Fn(&DevicePage) -> bool,
+    ) -> Result<u64> {
+        let (lo, hi) = (range.start().page_index(), range.end().page_index());
+        let runs: Vec<(u64, Vec<DevicePage>)> = {
+            let st = self.dev.lock();
+            let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
+            for (&vpn, s) in st.slots.range(lo..hi) {
+                let Slot::Device { page, .. } = s else {
+                    continue;
+                };
+                if !which(page) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((first, pages)) if *first + pages.len() as u64 == vpn => {
+                        pages.push(page.clone());
+                    }
+                    _ => runs.push((vpn, vec![page.clone()])),
+                }
+            }
+            runs
+        };
+        let mut moved = 0;
+        for (first, pages) in runs {
+            let at = VirtAddr(first << PAGE_SHIFT);
+            let r = VaRange::from_len(at, (pages.len() as u64) << PAGE_SHIFT)?;
+            self.invalidate_range(r, Event::Migrate, None);
+            self.install_from_device(at, &pages, false)?;
+            let mut st = self.dev.lock();
+            for (k, p) in pages.iter().enumerate() {
+                let vpn = first + k as u64;
+                if matches!(st.slots.get(&vpn), Some(Slot::Device { page, .. }) if page.same_page(p))
+                {
+                    st.slots.remove(&vpn);
+                    moved += 1;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Evicts every page of `pgmap` the process maps.
+    pub(crate) fn evict_pagemap(&self, pgmap: &std::sync::Arc<PagemapInner>) -> Result<u64> {
+        let all = VaRange::new(VirtAddr(PAGE_SIZE), VirtAddr(crate::addr::TASK_SIZE))?;
+        self.bring_back(all, |p| std::sync::Arc::ptr_eq(p.pagemap(), pgmap))
+    }
+
+    /// Writes the data of `pages` (device pages of consecutive virtual
+    /// pages from `at`) into the absent CPU pages there, waking the threads
+    /// that wait on them unless `dontwake`.
+    pub(crate) fn install_from_device(
+        &self,
+        at: VirtAddr,
+        pages: &[DevicePage],
+        dontwake: bool,
+    ) -> Result<()> {
+        let n = pages.len();
+        let host = pages.iter().all(|p| p.host_addr().is_some());
+        if host {
+            for (k, p) in pages.iter().enumerate() {
+                let dst = VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT));
+                let Some(src) = p.host_addr() else { continue };
+                let res = match self.uffd.move_pages(dst, src, PAGE_SIZE, true, false) {
+                    // An empty host page (never written): zeros.
+                    Err(Errno::NOENT) => {
+                        self.uffd.zeropage(VaRange::from_len(dst, PAGE_SIZE)?, true)
+                    }
+                    // A VMA without write permission: copy instead.
+                    Err(Errno::INVAL) => {
+                        let mut buf = vec![0u8; PAGE_SIZE as usize];
+                        p.read(&mut buf)?;
+                        self.uffd.copy(dst, &buf, true)
+                    }
+                    other => other.map(|_| ()),
+                };
+                match res {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(Error::os("UFFDIO_MOVE", e)),
+                }
+            }
+        } else {
+            let mut buf = vec![0u8; n << PAGE_SHIFT];
+            for (k, p) in pages.iter().enumerate() {
+                p.read(&mut buf[k << PAGE_SHIFT..(k + 1) << PAGE_SHIFT])?;
+            }
+            match self.uffd.copy(at, &buf, true) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(Error::os("UFFDIO_COPY", e)),
+            }
+        }
+        if !dontwake {
+            let r = VaRange::from_len(at, (n as u64) << PAGE_SHIFT)?;
+            let _ = self.uffd.wake(r);
+        }
+        Ok(())
+    }
+
+    /// The service thread's answer to a MISSING fault at `addr`.
+    pub(crate) fn handle_missing(&self, addr: VirtAddr, write: bool) {
+        let page_at = addr.page_down();
+        let vpn = page_at.page_index();
+        let batch: Option<Vec<DevicePage>> = {
+            let mut st = self.dev.lock();
+            match st.slots.get(&vpn) {
+                Some(Slot::Migrating { .. }) => {
+                    st.parked.push((vpn, write));
+                    return;
+                }
+                Some(Slot::Device { page, .. }) => {
+                    let pgmap = page.pagemap().clone();
+                    let want = pgmap
+                        .ops()
+                        .migrate_to_ram(&pgmap.page_ref(page.index()), page_at);
+                    match want {
+                        Ok(n) => {
+                            let mut pages = Vec::new();
+                            for k in 0..n.max(1) {
+                                match st.slots.get(&(vpn + k)) {
+                                    Some(Slot::Device { page, .. })
+                                        if std::sync::Arc::ptr_eq(page.pagemap(), &pgmap) =>
+                                    {
+                                        pages.push(page.clone());
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            Some(pages)
+                        }
+                        Err(e) => {
+                            warn!("migrate_to_ram at {page_at} refused: {e}");
+                            None
+                        }
+                    }
+                }
+                None => Some(Vec::new()),
+            }
+        };
+        let Some(pages) = batch else {
+            // The driver refused: the access gets SIGBUS, as the kernel's.
+            if let Ok(r) = VaRange::from_len(page_at, PAGE_SIZE)
+                && let Err(e) = self.uffd.poison(r)
+            {
+                warn!("UFFDIO_POISON {r:?}: {e}");
+            }
+            return;
+        };
+        let one = VaRange::from_len(page_at, PAGE_SIZE).ok();
+        if pages.is_empty() {
+            // Not a device page: the first touch of a page in a VMA that
+            // holds some. Give it what the kernel would.
+            let res = if write {
+                self.uffd.copy(page_at, &[0u8; PAGE_SIZE as usize], false)
+            } else {
+                one.map_or(Ok(()), |r| self.uffd.zeropage(r, false))
+            };
+            match res {
+                Ok(()) => {}
+                Err(Errno::EXIST) => {
+                    if let Some(r) = one {
+                        let _ = self.uffd.wake(r);
+                    }
+                }
+                Err(e) => warn!("resolving the fault at {page_at}: {e}"),
+            }
+            return;
+        }
+        if let Ok(r) = VaRange::from_len(page_at, (pages.len() as u64) << PAGE_SHIFT) {
+            self.invalidate_range(r, Event::Migrate, None);
+        }
+        if let Err(e) = self.install_from_device(page_at, &pages, false) {
+            warn!("migrating {page_at} back to system memory: {e}");
+            if let Some(r) = one {
+                let _ = self.uffd.wake(r);
+            }
+            return;
+        }
+        let mut st = self.dev.lock();
+        for (k, p) in pages.iter().enumerate() {
+            let v = vpn + k as u64;
+            if matches!(st.slots.get(&v), Some(Slot::Device { page, .. }) if page.same_page(p)) {
+                st.slots.remove(&v);
+            }
+        }
+    }
+
+    /// Runs a blockable invalidation of `range` with `event` and `owner`.
+    pub(crate) fn invalidate_range(&self, range: VaRange, event: Event, owner: Option<OwnerId>) {
+        let nr = NotifierRange {
+            start: range.start(),
+            end: range.end(),
+            event,
+            blockable: true,
+            owner,
+        };
+        if let Err(e) = self.subs.invalidate(&nr) {
+            warn!("invalidation {event:?} {range:?} failed: {e}");
+        }
+    }
+
+    /// Registers `vma` whole for MISSING faults (and write-protect mode).
+    pub(crate) fn register_missing(&self, vma: &Vma) -> Result<()> {
+        let _layout = self.layout_read();
+        let piece = VaRange::new(vma.start, vma.end)?;
+        match self
+            .uffd
+            .register(piece, RegisterMode::MISSING | RegisterMode::WP)
+        {
+            Ok(_) => {
+                self.note_registered(piece);
+                Ok(())
+            }
+            Err(e) => Err(Error::os("UFFDIO_REGISTER (missing)", e)),
+        }
+    }
+}
+
+/// Default callbacks for a pagemap that needs none.
+#[derive(Debug, Default)]
+pub struct NoOps;
+
+impl PagemapOps for NoOps {
+    fn page_free(&self, _page: &crate::devmem::PageRef<'_>) {}
+}
