@@ -81,6 +81,8 @@ pub mod addr;
 pub mod devmem;
 pub mod error;
 #[cfg(not(loom))]
+pub mod exclusive;
+#[cfg(not(loom))]
 pub mod info;
 #[cfg(not(loom))]
 pub mod migrate;

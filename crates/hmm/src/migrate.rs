@@ -91,8 +91,20 @@ bitflags! {
 /// One page of the address space held by device memory or by a migration.
 #[derive(Debug)]
 pub(crate) enum Slot {
-    /// A device-private page; the CPU page is absent.
-    Device { page: DevicePage, writable: bool },
+    /// A device-private page; the CPU page is absent (or, across a fork,
+    /// a write-protected `shadow` copy the child inherits).
+    Device {
+        page: DevicePage,
+        writable: bool,
+        shadow: bool,
+    },
+    /// A page held for a device's exclusive (atomic) access: the CPU page
+    /// was moved into `holder`, page `index`; a CPU touch moves it back.
+    Exclusive {
+        holder: std::sync::Arc<Mapping>,
+        index: u64,
+        owner: OwnerId,
+    },
     /// Isolated by migration `id` as its entry `index`.
     Migrating {
         id: u64,
@@ -132,18 +144,82 @@ impl DevState {
         self.slots
             .range(lo..hi)
             .filter_map(|(&k, s)| match s {
-                Slot::Device { page, writable } => {
+                Slot::Device { page, writable, .. } => {
                     Some((k - lo, page.pfn(), *writable, page.owner()))
                 }
-                Slot::Migrating { .. } => None,
+                Slot::Migrating { .. } | Slot::Exclusive { .. } => None,
             })
+            .collect()
+    }
+
+    /// Whether `range` is exactly a migration's own zap: every page isolated
+    /// with `removing` set. If so the flags are cleared (the event is
+    /// taken as the zap's) and the caller skips the discard and the
+    /// owner-less `Clear` (the migration already sent `Migrate`).
+    pub(crate) fn ack_self_removal(&mut self, range: VaRange) -> bool {
+        let (lo, hi) = (range.start().page_index(), range.end().page_index());
+        let all = (lo..hi).all(|v| {
+            matches!(
+                self.slots.get(&v),
+                Some(Slot::Migrating { removing: true, .. })
+            )
+        });
+        if all {
+            for v in lo..hi {
+                if let Some(Slot::Migrating { removing, .. }) = self.slots.get_mut(&v) {
+                    *removing = false;
+                }
+            }
+        }
+        all
+    }
+
+    /// Sets the slot of virtual page `vpn`.
+    pub(crate) fn set_slot(&mut self, vpn: u64, slot: Slot) {
+        self.slots.insert(vpn, slot);
+    }
+
+    /// Removes the slot of virtual page `vpn`.
+    pub(crate) fn take_slot(&mut self, vpn: u64) -> Option<Slot> {
+        self.slots.remove(&vpn)
+    }
+
+    /// Removes the slot of `vpn` if it is an exclusive page.
+    pub(crate) fn take_exclusive(&mut self, vpn: u64) -> Option<Slot> {
+        match self.slots.get(&vpn) {
+            Some(Slot::Exclusive { .. }) => self.slots.remove(&vpn),
+            _ => None,
+        }
+    }
+
+    /// The holder address and owner of the exclusive page at `vpn`.
+    pub(crate) fn exclusive(&self, vpn: u64) -> Option<(VirtAddr, OwnerId)> {
+        match self.slots.get(&vpn) {
+            Some(Slot::Exclusive {
+                holder,
+                index,
+                owner,
+            }) => Some((
+                VirtAddr(holder.addr().get() + (index << PAGE_SHIFT)),
+                *owner,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Every exclusive page.
+    pub(crate) fn exclusive_pages(&self) -> Vec<u64> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Exclusive { .. }))
+            .map(|(&k, _)| k)
             .collect()
     }
 
     /// The device page at virtual page `vpn`, if any.
     pub(crate) fn device_page(&self, vpn: u64) -> Option<(&DevicePage, bool)> {
         match self.slots.get(&vpn) {
-            Some(Slot::Device { page, writable }) => Some((page, *writable)),
+            Some(Slot::Device { page, writable, .. }) => Some((page, *writable)),
             _ => None,
         }
     }
@@ -151,24 +227,28 @@ impl DevState {
     /// Drops what `[start, end)` held: device pages are freed, isolated
     /// pages marked dead (unless `remove` and the migration zaps them itself).
     /// Returns the device pages, to be dropped outside the lock.
-    pub(crate) fn discard(&mut self, range: VaRange, remove: bool) -> Vec<DevicePage> {
+    pub(crate) fn discard(&mut self, range: VaRange, remove: bool) -> Vec<Freed> {
         let (lo, hi) = (range.start().page_index(), range.end().page_index());
         let keys: Vec<u64> = self.slots.range(lo..hi).map(|(&k, _)| k).collect();
         let mut freed = Vec::new();
         for k in keys {
             match self.slots.get_mut(&k) {
                 Some(Slot::Migrating { dead, removing, .. }) => {
-                    if remove && *removing {
-                        *removing = false;
-                    } else {
+                    if !(remove && *removing) {
                         *dead = true;
                     }
+                    // Either way the migration's zap, if any, is done with.
+                    *removing = false;
                 }
-                Some(Slot::Device { .. }) => {
-                    if let Some(Slot::Device { page, .. }) = self.slots.remove(&k) {
-                        freed.push(page);
+                // The zap of a fork's shadow copy: the device keeps its page.
+                Some(Slot::Device { shadow, .. }) if remove && *shadow => *shadow = false,
+                Some(Slot::Device { .. } | Slot::Exclusive { .. }) => match self.slots.remove(&k) {
+                    Some(Slot::Device { page, .. }) => freed.push(Freed::Page(page)),
+                    Some(Slot::Exclusive { holder, index, .. }) => {
+                        freed.push(Freed::Held(holder, index));
                     }
-                }
+                    _ => {}
+                },
                 None => {}
             }
         }
@@ -177,7 +257,7 @@ impl DevState {
 
     /// Moves what `[from, from + len)` held to `to` (mremap). Returns pages
     /// the move overwrote (a destination that held device pages).
-    pub(crate) fn remap(&mut self, from: VirtAddr, to: VirtAddr, len: u64) -> Vec<DevicePage> {
+    pub(crate) fn remap(&mut self, from: VirtAddr, to: VirtAddr, len: u64) -> Vec<Freed> {
         let (lo, n) = (from.page_index(), len >> PAGE_SHIFT);
         let dst = to.page_index();
         let moved: Vec<(u64, Slot)> = {
@@ -198,6 +278,29 @@ impl DevState {
             self.slots.insert(nk, s);
         }
         freed
+    }
+}
+
+/// What leaves the device table: a device page to drop, or a held page to
+/// free in its holder. Dropping it frees it (outside the table's lock).
+#[derive(Debug)]
+pub(crate) enum Freed {
+    /// A device page (its last reference may run `page_free`).
+    Page(#[expect(dead_code, reason = "held only to be dropped")] DevicePage),
+    /// A page in an exclusive-access holder.
+    Held(std::sync::Arc<Mapping>, u64),
+}
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        if let Freed::Held(holder, index) = self
+            && let Ok(r) = VaRange::from_len(
+                VirtAddr(holder.addr().get() + (*index << PAGE_SHIFT)),
+                PAGE_SIZE,
+            )
+        {
+            let _ = crate::os::mm::dontneed(r);
+        }
     }
 }
 
@@ -240,6 +343,8 @@ pub struct MigrateVma {
     writable_vma: bool,
     committed: bool,
     finalized: bool,
+    /// This migration holds the fork gate until it finishes.
+    gate_held: bool,
 }
 
 impl MigrateVma {
@@ -268,8 +373,7 @@ impl MigrateVma {
             return Err(Error::Inval("migrate range empty or not page aligned"));
         }
         let range = VaRange::new(start, end)?;
-        let gate = core.clone();
-        let _walk = gate.fork_gate.walk();
+
         let vma = core
             .maps
             .query(start, false)
@@ -282,7 +386,12 @@ impl MigrateVma {
             return Err(Error::Inval("hugetlb VMAs do not migrate"));
         }
         let npages = range.npages() as usize;
+        // A migration excludes forks from setup to finalize (the kernel
+        // holds the mmap lock): a fork must not copy isolated pages' holes.
+        // Left in `finish`, which dropping the `MigrateVma` runs.
+        core.fork_gate.enter();
         let mut m = MigrateVma {
+            gate_held: true,
             id: {
                 let mut st = core.dev.lock();
                 st.next_id += 1;
@@ -304,7 +413,7 @@ impl MigrateVma {
         };
         if !vma.is_private_anon() {
             // Shared and file pages never migrate to device-private memory.
-            m.finalized = true;
+            m.finish();
             return Ok(m);
         }
         m.collect(&vma, range, flags)?;
@@ -323,6 +432,9 @@ impl MigrateVma {
         let base = range.start().page_index();
         // The kernel brackets the collection with a MIGRATE invalidation.
         core.invalidate_range(range, Event::Migrate, self.owner);
+        // Entries are recorded by address: after the events about these
+        // addresses were handled (see the service loop).
+        let layout = core.layout_read();
         let mut st = core.dev.lock();
         let mut any_present = false;
         for (i, e) in entries.iter().enumerate() {
@@ -383,6 +495,7 @@ impl MigrateVma {
             self.sources[i] = source;
         }
         drop(st);
+        drop(layout);
         // Take the system pages (and zero pages) out of the address space.
         if any_present || self.sources.iter().any(|s| matches!(s, Source::Empty)) {
             self.isolate(range)?;
@@ -393,7 +506,7 @@ impl MigrateVma {
     /// Moves the selected CPU pages of `range` into the staging region.
     fn isolate(&mut self, range: VaRange) -> Result<()> {
         let core = self.core.clone();
-        let staging = core.host_region(range.len())?;
+        let staging = core.staging_region(range.len())?;
         let npages = range.npages() as usize;
         let mut i = 0;
         while i < npages {
@@ -408,6 +521,32 @@ impl MigrateVma {
             self.isolate_run(&staging, range.start(), i, j)?;
             i = j;
         }
+        // What was taken is what the staging region holds now: the scan
+        // above is older than the moves (a CPU write may have filled a
+        // hole, a DONTNEED emptied a page, in between), while each move
+        // took the page as it was at that instant.
+        let mut staged = vec![Entry(0); npages];
+        core.pagemap
+            .read_entries(staging.range(), &mut staged)
+            .map_err(|e| Error::os("pread /proc/self/pagemap", e))?;
+        for (k, e) in staged.iter().enumerate() {
+            if !matches!(self.sources[k], Source::Staged | Source::Empty) {
+                continue;
+            }
+            let zero = e.pfn() == core.zero_pfn && e.pfn() != 0;
+            if e.present() && !zero {
+                let w = if self.writable_vma {
+                    MIGRATE_PFN_WRITE
+                } else {
+                    0
+                };
+                self.sources[k] = Source::Staged;
+                self.src[k] = migrate_pfn(e.pfn()) | MIGRATE_PFN_MIGRATE | w;
+            } else {
+                self.sources[k] = Source::Empty;
+                self.src[k] = MIGRATE_PFN_MIGRATE;
+            }
+        }
         self.staging = Some(staging);
         Ok(())
     }
@@ -420,22 +559,46 @@ impl MigrateVma {
         to: usize,
     ) -> Result<()> {
         let core = self.core.clone();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut i = from;
         while i < to {
             let src = VirtAddr(start.get() + ((i as u64) << PAGE_SHIFT));
             let dst = VirtAddr(staging.addr().get() + ((i as u64) << PAGE_SHIFT));
             let len = ((to - i) as u64) << PAGE_SHIFT;
-            let (moved, res) = if self.writable_vma {
-                core.mover()?.move_partial(dst, src, len, true, true)
-            } else {
-                (0, Err(Errno::INVAL))
-            };
+            if !self.writable_vma {
+                // UFFDIO_MOVE needs a writable VMA; the CPU cannot write
+                // here either, so copying is safe.
+                return self.copy_and_zap(staging, start, i, to);
+            }
+            // Moved under `layout`, on the main userfaultfd: while an
+            // `munmap`/`mremap` of these addresses has an event pending
+            // (unread, as `layout` keeps it), the kernel refuses the move
+            // with EAGAIN instead of moving pages the program just put
+            // there; once read and handled, entries it hit are dead (or
+            // moved) and are not taken.
+            let layout = core.layout_read();
+            let live = self.live_prefix(i, to);
+            if live == 0 {
+                drop(layout);
+                self.untake(i);
+                i += 1;
+                continue;
+            }
+            let len = len.min((live as u64) << PAGE_SHIFT);
+            let (moved, res) = core.uffd.move_partial(dst, src, len, true, true);
+            drop(layout);
             i += (moved >> PAGE_SHIFT) as usize;
             match res {
-                Ok(()) => break,
+                Ok(()) => {}
+                // An event is pending on the source's userfaultfd: nothing
+                // moves until the service thread reads it.
+                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
                 Err(_) if i < to => {
-                    // The page at `i` cannot be moved: copy it and zap it.
-                    self.copy_and_zap(staging, start, i)?;
+                    // The page at `i` cannot be moved (shared copy-on-write
+                    // with a child): copy it and zap it.
+                    self.copy_and_zap(staging, start, i, i + 1)?;
                     i += 1;
                 }
                 Err(e) => return Err(Error::os("UFFDIO_MOVE", e)),
@@ -444,11 +607,58 @@ impl MigrateVma {
         Ok(())
     }
 
-    fn copy_and_zap(&mut self, staging: &Mapping, start: VirtAddr, i: usize) -> Result<()> {
+    /// How many entries from `i` (below `to`) are still isolated where
+    /// setup found them: not unmapped, not moved by an `mremap`.
+    fn live_prefix(&self, i: usize, to: usize) -> usize {
+        let base = self.start.page_index();
+        let st = self.core.dev.lock();
+        (i..to)
+            .take_while(|&k| {
+                let at = base + k as u64;
+                st.inflight.get(&(self.id, k)) == Some(&at)
+                    && matches!(st.slots.get(&at), Some(Slot::Migrating { dead: false, .. }))
+            })
+            .count()
+    }
+
+    /// Gives up entry `i` before taking its page: an `mremap` moved it
+    /// (its page stays where the mremap put it) or an unmap killed it.
+    fn untake(&mut self, i: usize) {
+        let mut st = self.core.dev.lock();
+        let dead = st
+            .inflight
+            .get(&(self.id, i))
+            .is_some_and(|v| matches!(st.slots.get(v), Some(Slot::Migrating { dead: true, .. })));
+        if let Some(vpn) = st.inflight.remove(&(self.id, i)) {
+            st.slots.remove(&vpn);
+        }
+        drop(st);
+        let _ = dead;
+        if self.src[i] & MIGRATE_PFN_MIGRATE != 0 {
+            self.cpages -= 1;
+        }
+        self.src[i] = 0;
+        self.sources[i] = Source::None;
+    }
+
+    /// Copies entries `[from, to)` into the staging region and zaps them
+    /// from the address space with one `MADV_DONTNEED`, then waits until
+    /// the service thread has taken its `REMOVE` event as the migration's
+    /// own (so that it cannot later be taken for a discard of the pages).
+    fn copy_and_zap(
+        &mut self,
+        staging: &Mapping,
+        start: VirtAddr,
+        from: usize,
+        to: usize,
+    ) -> Result<()> {
         let core = self.core.clone();
-        let at = VirtAddr(start.get() + ((i as u64) << PAGE_SHIFT));
-        if matches!(self.sources[i], Source::Staged) {
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for i in from..to {
+            if !matches!(self.sources[i], Source::Staged) {
+                continue;
+            }
+            let at = VirtAddr(start.get() + ((i as u64) << PAGE_SHIFT));
             match crate::os::process_vm::read(at, &mut buf) {
                 Ok(_) => {
                     let dst = VirtAddr(staging.addr().get() + ((i as u64) << PAGE_SHIFT));
@@ -459,14 +669,23 @@ impl MigrateVma {
                 Err(_) => self.sources[i] = Source::Empty,
             }
         }
-        let page = VaRange::from_len(at, PAGE_SIZE)?;
+        let first = VirtAddr(start.get() + ((from as u64) << PAGE_SHIFT));
+        let run = VaRange::from_len(first, ((to - from) as u64) << PAGE_SHIFT)?;
         {
             let mut st = core.dev.lock();
-            if let Some(Slot::Migrating { removing, .. }) = st.slots.get_mut(&at.page_index()) {
-                *removing = true;
+            for vpn in run.start().page_index()..run.end().page_index() {
+                if let Some(Slot::Migrating { removing, .. }) = st.slots.get_mut(&vpn) {
+                    *removing = true;
+                }
             }
         }
-        crate::os::mm::dontneed(page).map_err(|e| Error::os("madvise(MADV_DONTNEED)", e))?;
+        match crate::os::mm::dontneed(run) {
+            // Part of the run was unmapped meanwhile: its UNMAP event marks
+            // those entries dead; the mapped part was zapped.
+            Ok(()) | Err(Errno::NOMEM) => {}
+            Err(e) => return Err(Error::os("madvise(MADV_DONTNEED)", e)),
+        }
+        core.wait_self_removal(run);
         Ok(())
     }
 
@@ -611,7 +830,14 @@ impl MigrateVma {
                             freed.push(page);
                             continue;
                         }
-                        st.slots.insert(vpn, Slot::Device { page, writable });
+                        st.slots.insert(
+                            vpn,
+                            Slot::Device {
+                                page,
+                                writable,
+                                shadow: false,
+                            },
+                        );
                         st.inflight.remove(&(self.id, i));
                     }
                     Dest::System => {
@@ -626,7 +852,7 @@ impl MigrateVma {
         for (i, vpn) in to_system {
             if let Source::Device(page) = &self.sources[i] {
                 let at = VirtAddr(vpn << PAGE_SHIFT);
-                if let Err(e) = core.install_from_device(at, std::slice::from_ref(page), true) {
+                if let Err(e) = core.install_from_device_retrying(at, std::slice::from_ref(page)) {
                     warn!("migrating {at} to system memory: {e}");
                     self.src[i] &= !MIGRATE_PFN_MIGRATE;
                     continue;
@@ -650,9 +876,9 @@ impl MigrateVma {
         }
         self.finalized = true;
         let core = self.core.clone();
+        let gate = std::mem::replace(&mut self.gate_held, false);
         let mut restore = Vec::new();
         let mut freed = Vec::new();
-        let parked;
         {
             let mut st = core.dev.lock();
             let mine: Vec<((u64, usize), u64)> = st
@@ -661,17 +887,29 @@ impl MigrateVma {
                 .map(|(&k, &v)| (k, v))
                 .collect();
             for ((_, i), vpn) in mine {
-                st.inflight.remove(&(self.id, i));
                 let dead = matches!(st.slots.get(&vpn), Some(Slot::Migrating { dead: true, .. }));
-                st.slots.remove(&vpn);
                 self.src[i] &= !MIGRATE_PFN_MIGRATE;
+                if !dead && matches!(self.sources[i], Source::Staged) {
+                    // Stays isolated until its page is back: a fault
+                    // meanwhile waits instead of mapping a zero page.
+                    restore.push(i);
+                    continue;
+                }
+                st.inflight.remove(&(self.id, i));
+                st.slots.remove(&vpn);
                 match std::mem::replace(&mut self.sources[i], Source::None) {
                     Source::Device(page) if !dead => {
                         let writable = self.writable_vma;
-                        st.slots.insert(vpn, Slot::Device { page, writable });
+                        st.slots.insert(
+                            vpn,
+                            Slot::Device {
+                                page,
+                                writable,
+                                shadow: false,
+                            },
+                        );
                     }
                     Source::Device(page) => freed.push(page),
-                    Source::Staged if !dead => restore.push((i, vpn)),
                     _ => {}
                 }
             }
@@ -680,39 +918,70 @@ impl MigrateVma {
                     freed.push(page);
                 }
             }
-            parked = std::mem::take(&mut st.parked);
         }
         drop(freed);
-        for (i, vpn) in restore {
-            if let Err(e) = self.restore(i, VirtAddr(vpn << PAGE_SHIFT)) {
+        for i in restore {
+            // Where the page is now (an mremap may have moved it), unless
+            // it was unmapped or discarded meanwhile.
+            let at = {
+                let st = core.dev.lock();
+                st.inflight.get(&(self.id, i)).copied().filter(|v| {
+                    !matches!(st.slots.get(v), Some(Slot::Migrating { dead: true, .. }))
+                })
+            };
+            if let Some(vpn) = at
+                && let Err(e) = self.restore(i, VirtAddr(vpn << PAGE_SHIFT))
+            {
                 warn!("restoring {:#x}: {e}", vpn << PAGE_SHIFT);
             }
+            let mut st = core.dev.lock();
+            if let Some(vpn) = st.inflight.remove(&(self.id, i)) {
+                st.slots.remove(&vpn);
+            }
         }
+        let parked = std::mem::take(&mut core.dev.lock().parked);
         // Let the faults that waited run again: the page is back, or is a
         // device page now (and the retried fault migrates it back).
         for (vpn, write) in parked {
             core.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
         }
         self.staging = None;
+        if gate {
+            core.fork_gate.leave();
+        }
     }
 
+    /// Puts the staged page of entry `i` back at `at`; retries while the
+    /// kernel refuses because an event is pending (`EAGAIN`).
     fn restore(&self, i: usize, at: VirtAddr) -> Result<()> {
         let staged = self.staged_addr(i)?;
         let core = &self.core;
-        if self.writable_vma {
-            match core.uffd.move_pages(at, staged, PAGE_SIZE, false, false) {
-                Ok(_) => return Ok(()),
-                Err(Errno::EXIST) => return Ok(()),
-                Err(_) => {}
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let res = if self.writable_vma {
+                match core.uffd.move_pages(at, staged, PAGE_SIZE, true, false) {
+                    Err(Errno::AGAIN) => Err(Errno::AGAIN),
+                    Err(Errno::EXIST) | Ok(_) => Ok(()),
+                    // Not movable (made read-only since): copy.
+                    Err(_) => self.restore_copy(staged, at),
+                }
+            } else {
+                self.restore_copy(staged, at)
+            };
+            match res {
+                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                Ok(()) | Err(Errno::EXIST) => return Ok(()),
+                Err(e) => return Err(Error::os("UFFDIO_MOVE/COPY", e)),
             }
         }
+    }
+
+    fn restore_copy(&self, staged: VirtAddr, at: VirtAddr) -> std::result::Result<(), Errno> {
         let mut buf = vec![0u8; PAGE_SIZE as usize];
-        crate::os::process_vm::read(staged, &mut buf)
-            .map_err(|e| Error::os("process_vm_readv", e))?;
-        match core.uffd.copy(at, &buf, false) {
-            Ok(()) | Err(Errno::EXIST) => Ok(()),
-            Err(e) => Err(Error::os("UFFDIO_COPY", e)),
-        }
+        crate::os::process_vm::read(staged, &mut buf)?;
+        self.core.uffd.copy(at, &buf, true)
     }
 }
 
@@ -727,7 +996,32 @@ impl Mm {
     ///
     /// # Errors
     /// [`Error::Released`].
+    ///
+    /// Waits until the events already read are handled (an `mremap` or
+    /// `munmap` that returned has had its event read), so it must not be
+    /// called under a lock that an invalidation callback takes.
     pub fn device_page_at(&self, addr: VirtAddr) -> Result<Option<DevicePage>> {
+        let core = self.core()?;
+        let _layout = core.layout_read();
+        let st = core.dev.lock();
+        Ok(st.device_page(addr.page_index()).map(|(p, _)| p.clone()))
+    }
+
+    /// Waits until the address-space events already read are handled:
+    /// whatever the program's `munmap`, `mremap` or `MADV_DONTNEED` that
+    /// already returned did is in the device table and the mirrors after
+    /// this. Must not be called under a lock an invalidation callback takes.
+    ///
+    /// # Errors
+    /// [`Error::Released`].
+    pub fn settle(&self) -> Result<()> {
+        drop(self.core()?.layout_read());
+        Ok(())
+    }
+
+    /// [`Mm::device_page_at`] as the table says now, without waiting: for
+    /// a device under its page-table lock.
+    pub(crate) fn device_page_now(&self, addr: VirtAddr) -> Result<Option<DevicePage>> {
         let core = self.core()?;
         let st = core.dev.lock();
         Ok(st.device_page(addr.page_index()).map(|(p, _)| p.clone()))
@@ -738,7 +1032,9 @@ impl Mm {
     /// # Errors
     /// [`Error::Released`].
     pub fn device_pages(&self) -> Result<usize> {
-        Ok(self.core()?.dev.lock().device_pages())
+        let core = self.core()?;
+        let _layout = core.layout_read();
+        Ok(core.dev.lock().device_pages())
     }
 
     /// The VMA covering `addr`, or the next one above it (`PROCMAP_QUERY`).
@@ -795,16 +1091,21 @@ impl MmCore {
             let at = VirtAddr(first << PAGE_SHIFT);
             let r = VaRange::from_len(at, (pages.len() as u64) << PAGE_SHIFT)?;
             self.invalidate_range(r, Event::Migrate, None);
-            self.install_from_device(at, &pages, false)?;
+            self.install_from_device_retrying(at, &pages)?;
+            let mut freed = Vec::new();
             let mut st = self.dev.lock();
             for (k, p) in pages.iter().enumerate() {
                 let vpn = first + k as u64;
                 if matches!(st.slots.get(&vpn), Some(Slot::Device { page, .. }) if page.same_page(p))
                 {
-                    st.slots.remove(&vpn);
+                    freed.extend(st.slots.remove(&vpn));
                     moved += 1;
                 }
             }
+            drop(st);
+            drop(freed);
+            drop(pages);
+            let _ = self.uffd.wake(r);
         }
         Ok(moved)
     }
@@ -813,6 +1114,26 @@ impl MmCore {
     pub(crate) fn evict_pagemap(&self, pgmap: &std::sync::Arc<PagemapInner>) -> Result<u64> {
         let all = VaRange::new(VirtAddr(PAGE_SIZE), VirtAddr(crate::addr::TASK_SIZE))?;
         self.bring_back(all, |p| std::sync::Arc::ptr_eq(p.pagemap(), pgmap))
+    }
+
+    /// [`Self::install_from_device`] from a thread other than the service
+    /// thread: while an event is pending the kernel refuses with `EAGAIN`
+    /// until the service thread reads it, so retry for a while.
+    pub(crate) fn install_from_device_retrying(
+        &self,
+        at: VirtAddr,
+        pages: &[DevicePage],
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match self.install_from_device(at, pages, true) {
+                Err(Error::Os {
+                    source: Errno::AGAIN,
+                    ..
+                }) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                other => return other,
+            }
+        }
     }
 
     /// Writes the data of `pages` (device pages of consecutive virtual
@@ -902,6 +1223,11 @@ impl MmCore {
                         }
                     }
                 }
+                Some(Slot::Exclusive { .. }) => {
+                    drop(st);
+                    self.revoke_exclusive(vpn);
+                    return;
+                }
                 None => Some(Vec::new()),
             }
         };
@@ -930,26 +1256,55 @@ impl MmCore {
                         let _ = self.uffd.wake(r);
                     }
                 }
-                Err(e) => warn!("resolving the fault at {page_at}: {e}"),
+                Err(e) => {
+                    // EAGAIN: an event (a REMOVE) is pending and the kernel
+                    // refuses to fill pages until it is read. Wake the
+                    // thread: its access faults again after the event.
+                    if e != Errno::AGAIN {
+                        warn!("resolving the fault at {page_at}: {e}");
+                    }
+                    if let Some(r) = one {
+                        let _ = self.uffd.wake(r);
+                    }
+                }
             }
             return;
         }
         if let Ok(r) = VaRange::from_len(page_at, (pages.len() as u64) << PAGE_SHIFT) {
             self.invalidate_range(r, Event::Migrate, None);
         }
-        if let Err(e) = self.install_from_device(page_at, &pages, false) {
-            warn!("migrating {page_at} back to system memory: {e}");
-            if let Some(r) = one {
-                let _ = self.uffd.wake(r);
+        // Installed without waking: the slots go first (and the pages are
+        // freed), so the woken thread never finds its page still listed as
+        // device memory.
+        let n = pages.len() as u64;
+        let installed = self.install_from_device(page_at, &pages, true);
+        if let Err(e) = &installed {
+            if !matches!(
+                e,
+                Error::Os {
+                    source: Errno::AGAIN,
+                    ..
+                }
+            ) {
+                warn!("migrating {page_at} back to system memory: {e}");
             }
-            return;
+            drop(pages);
+        } else {
+            let mut freed = Vec::new();
+            let mut st = self.dev.lock();
+            for (k, p) in pages.iter().enumerate() {
+                let v = vpn + k as u64;
+                if matches!(st.slots.get(&v), Some(Slot::Device { page, .. }) if page.same_page(p))
+                {
+                    freed.extend(st.slots.remove(&v));
+                }
+            }
+            drop(st);
+            drop(freed);
+            drop(pages);
         }
-        let mut st = self.dev.lock();
-        for (k, p) in pages.iter().enumerate() {
-            let v = vpn + k as u64;
-            if matches!(st.slots.get(&v), Some(Slot::Device { page, .. }) if page.same_page(p)) {
-                st.slots.remove(&v);
-            }
+        if let Ok(r) = VaRange::from_len(page_at, n << PAGE_SHIFT) {
+            let _ = self.uffd.wake(r);
         }
     }
 
@@ -964,6 +1319,137 @@ impl MmCore {
         };
         if let Err(e) = self.subs.invalidate(&nr) {
             warn!("invalidation {event:?} {range:?} failed: {e}");
+        }
+    }
+
+    /// Waits until no page of `run` waits for its self-removal event
+    /// ([`DevState::ack_self_removal`]); bounded, in case the event went
+    /// to another reader.
+    pub(crate) fn wait_self_removal(&self, run: VaRange) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (lo, hi) = (run.start().page_index(), run.end().page_index());
+        let mut acks = self
+            .removal_acks
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        loop {
+            let pending = self
+                .dev
+                .lock()
+                .slots
+                .range(lo..hi)
+                .any(|(_, s)| matches!(s, Slot::Migrating { removing: true, .. }));
+            if !pending {
+                return;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                warn!("the REMOVE event of a migration's zap of {run:?} never came");
+                return;
+            }
+            acks = self
+                .removal_acks
+                .1
+                .wait_timeout(acks, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Before a fork, with no migration running: exclusive pages go back
+    /// to the CPU, and each device page gets a write-protected shadow copy
+    /// in its CPU page, which the child inherits (the data as of the fork).
+    pub(crate) fn fork_devices_begin(&self) {
+        self.revoke_all_exclusive();
+        let runs = {
+            let mut st = self.dev.lock();
+            let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
+            for (&vpn, s) in st.slots.iter_mut() {
+                let Slot::Device { page, shadow, .. } = s else {
+                    continue;
+                };
+                *shadow = true;
+                match runs.last_mut() {
+                    Some((first, pages)) if *first + pages.len() as u64 == vpn => {
+                        pages.push(page.clone());
+                    }
+                    _ => runs.push((vpn, vec![page.clone()])),
+                }
+            }
+            runs
+        };
+        for (first, pages) in runs {
+            let at = VirtAddr(first << PAGE_SHIFT);
+            let mut buf = vec![0u8; pages.len() << PAGE_SHIFT];
+            let mut ok = true;
+            for (k, p) in pages.iter().enumerate() {
+                ok &= p
+                    .read(&mut buf[k << PAGE_SHIFT..(k + 1) << PAGE_SHIFT])
+                    .is_ok();
+            }
+            if !ok {
+                warn!("fork: cannot read the device pages at {at}");
+                continue;
+            }
+            // The forking thread holds no lock the service thread needs, so
+            // a pending event (EAGAIN) gets read: retry.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match self.uffd.copy_mode(at, &buf, true, true) {
+                    Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
+                        std::thread::yield_now();
+                    }
+                    Ok(()) => break,
+                    Err(e) => {
+                        warn!("fork: shadow copy of the device pages at {at}: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the fork, in the parent: the shadows go (the device keeps its
+    /// pages), and writes that waited on a shadow run again.
+    pub(crate) fn fork_devices_end(&self) {
+        let runs: Vec<(u64, u64)> = {
+            let st = self.dev.lock();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for (&vpn, s) in &st.slots {
+                if !matches!(s, Slot::Device { shadow: true, .. }) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == vpn => *n += 1,
+                    _ => runs.push((vpn, 1)),
+                }
+            }
+            runs
+        };
+        for (first, n) in runs {
+            if let Ok(r) = VaRange::from_len(VirtAddr(first << PAGE_SHIFT), n << PAGE_SHIFT)
+                && let Err(e) = crate::os::mm::dontneed(r)
+            {
+                warn!("fork: dropping the shadow copies at {r:?}: {e}");
+            }
+        }
+        let parked = std::mem::take(&mut self.dev.lock().parked);
+        for (vpn, write) in parked {
+            self.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
+        }
+    }
+
+    /// A write fault on a device page's shadow copy: parks it until the
+    /// fork ends. `false` when `addr` is not such a page.
+    pub(crate) fn park_shadow_write(&self, addr: VirtAddr) -> bool {
+        let vpn = addr.page_index();
+        let mut st = self.dev.lock();
+        if matches!(st.slots.get(&vpn), Some(Slot::Device { shadow: true, .. })) {
+            st.parked.push((vpn, true));
+            true
+        } else {
+            false
         }
     }
 

@@ -69,6 +69,8 @@ pub struct MirrorEntry {
     pub write: bool,
     /// The CPU's map order for this page (0, 9 for a PMD, …).
     pub order: u32,
+    /// The device holds the page for exclusive (atomic) access.
+    pub atomic: bool,
 }
 
 /// The counters of a mirror.
@@ -322,6 +324,7 @@ impl Mirror {
                                     pfn: p.pfn(),
                                     write: p.contains(HmmPfn::WRITE),
                                     order: p.map_order(),
+                                    atomic: false,
                                 },
                             );
                         }

@@ -130,12 +130,26 @@ pub(crate) struct WalkGuard<'a>(&'a ForkGate);
 impl ForkGate {
     /// Enters a walk, waiting while a fork is in progress.
     pub(crate) fn walk(&self) -> WalkGuard<'_> {
+        self.enter();
+        WalkGuard(self)
+    }
+
+    /// [`Self::walk`] without a guard: the caller calls [`Self::leave`]
+    /// (a migration spans several calls).
+    pub(crate) fn enter(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.1 {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.0 += 1;
-        WalkGuard(self)
+    }
+
+    /// Ends what [`Self::enter`] began.
+    pub(crate) fn leave(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 -= 1;
+        drop(st);
+        self.cv.notify_all();
     }
 
     /// Closes the gate for a fork and waits for walks in progress to end.
@@ -156,10 +170,7 @@ impl ForkGate {
 
 impl Drop for WalkGuard<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 -= 1;
-        drop(st);
-        self.0.cv.notify_all();
+        self.0.leave();
     }
 }
 
@@ -189,6 +200,9 @@ pub(crate) struct MmCore {
     layout: parking_lot::RwLock<()>,
     /// The device table: which pages device memory or a migration holds.
     pub(crate) dev: Mutex<crate::migrate::DevState>,
+    /// Signalled when the service thread took a migration's own zap event
+    /// (a generation count and its condition variable).
+    pub(crate) removal_acks: (StdMutex<u64>, std::sync::Condvar),
     /// A second userfaultfd, without events, that owns the regions pages
     /// are moved into (migration staging, host-storage device memory):
     /// `UFFDIO_MOVE` needs its destination registered, and these regions
@@ -217,6 +231,10 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        // A new `Mm` ([`Mm::get`]) waits until this one is released: two
+        // at once would fight over the same VMAs (the old one unregistering
+        // ranges whose addresses the new one already registered again).
+        let _current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
         self.core.release();
     }
 }
@@ -251,6 +269,8 @@ extern "C" fn fork_prepare() {
     if let Some(handle) = handle {
         let started = handle.core.fork_begin();
         handle.core.fork_gate.close();
+        // No migration runs now: give the child the device pages' data.
+        handle.core.fork_devices_begin();
         FORK_BRACKET.with(|b| *b.borrow_mut() = Some((handle, started)));
     }
     let guard = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,6 +282,7 @@ extern "C" fn fork_prepare() {
 extern "C" fn fork_parent() {
     HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
     if let Some((handle, started)) = FORK_BRACKET.with(|b| b.borrow_mut().take()) {
+        handle.core.fork_devices_end();
         handle.core.fork_gate.open();
         for nr in &started {
             handle.core.subs.invalidate_range_end(nr);
@@ -511,6 +532,7 @@ impl MmCore {
             registered: Mutex::new(RangeSet::new()),
             layout: parking_lot::RwLock::new(()),
             dev: Mutex::new(crate::migrate::DevState::default()),
+            removal_acks: (StdMutex::new(0), std::sync::Condvar::new()),
             mover,
             fork_shared: Mutex::new(RangeSet::new()),
             released: AtomicBool::new(false),
@@ -688,6 +710,16 @@ impl MmCore {
         Ok(())
     }
 
+    /// Whether the caller is this address space's service thread.
+    pub(crate) fn on_service_thread(&self) -> bool {
+        let me = std::thread::current().id();
+        self.service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(_, tid)| *tid == me)
+    }
+
     /// The layout lock, shared (see [`Self::query_registered`]).
     pub(crate) fn layout_read(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.layout.read()
@@ -716,6 +748,11 @@ impl MmCore {
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
     pub(crate) fn host_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
+        // Mapped and registered as one step against VMA registrations: one
+        // that registers a fresh neighbour it split off
+        // ([`Self::register_split_remainder`]) must not take this region
+        // for the main userfaultfd in between.
+        let _layout = self.layout.write();
         let map = crate::os::mm::Mapping::anonymous_aligned(
             bytes,
             1 << crate::addr::PMD_SHIFT,
@@ -723,6 +760,26 @@ impl MmCore {
         )
         .map_err(|e| Error::os("mmap", e))?;
         self.mover()?
+            .register(map.range(), RegisterMode::WP)
+            .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
+        Ok(map)
+    }
+
+    /// A migration's staging region: like [`Self::host_region`] but
+    /// registered with the main userfaultfd, so that moves into it are
+    /// refused (`EAGAIN`) while an unmap or remap event is pending.
+    ///
+    /// # Errors
+    /// [`Error::Os`] when it cannot be mapped or registered.
+    pub(crate) fn staging_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
+        let _layout = self.layout.write();
+        let map = crate::os::mm::Mapping::anonymous_aligned(
+            bytes,
+            1 << crate::addr::PMD_SHIFT,
+            Prot::READ | Prot::WRITE,
+        )
+        .map_err(|e| Error::os("mmap", e))?;
+        self.uffd
             .register(map.range(), RegisterMode::WP)
             .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
         Ok(map)
@@ -748,8 +805,23 @@ impl MmCore {
         match msg {
             Message::Remove { start, end } => {
                 self.counters.removes.fetch_add(1, Ordering::Relaxed);
+                let range = VaRange::new(start, end).ok();
+                if let Some(r) = range
+                    && self.dev.lock().ack_self_removal(r)
+                {
+                    // A migration zapping what it isolated: not a discard.
+                    let mut acks = self
+                        .removal_acks
+                        .0
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *acks += 1;
+                    drop(acks);
+                    self.removal_acks.1.notify_all();
+                    return;
+                }
                 self.invalidate(start, end, Event::Clear);
-                if let Ok(r) = VaRange::new(start, end) {
+                if let Some(r) = range {
                     // DONTNEED'd private pages come back exclusive.
                     self.fork_shared.lock().remove(r);
                     let freed = self.dev.lock().discard(r, true);
@@ -800,8 +872,10 @@ impl MmCore {
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
                 let page = VaRange::from_len(address.page_down(), crate::addr::PAGE_SIZE);
                 if flags.contains(PagefaultFlags::WP) {
-                    // Nothing here write-protects pages: let the write through.
-                    if let Ok(r) = page
+                    // A device page's shadow during a fork waits for it;
+                    // nothing else here write-protects pages.
+                    if self.park_shadow_write(address) {
+                    } else if let Ok(r) = page
                         && let Err(e) = self.uffd.writeprotect(r, false, false)
                     {
                         warn!("UFFDIO_WRITEPROTECT {r:?}: {e}");
@@ -867,11 +941,13 @@ impl MmCore {
                 return;
             }
             msgs.clear();
-            let read = {
-                let _layout = self.layout.write();
-                self.uffd.read_messages(&mut msgs)
-            };
-            match read {
+            // Read and handled under `layout`: `munmap` returns once its
+            // event is read, so the addresses can be mapped and used again
+            // before the event is handled; whoever records pages by address
+            // (VMA registration, the device table) holds `layout` shared
+            // and so comes after the handling, never before it.
+            let layout = self.layout.write();
+            match self.uffd.read_messages(&mut msgs) {
                 Ok(_) => {}
                 Err(e) => {
                     warn!("service thread: read failed: {e}");
@@ -881,6 +957,14 @@ impl MmCore {
             for m in msgs.drain(..) {
                 self.handle(m);
             }
+            drop(layout);
+            // Migrations waiting for their zap's event look again.
+            *self
+                .removal_acks
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) += 1;
+            self.removal_acks.1.notify_all();
         }
     }
 
@@ -895,6 +979,7 @@ impl MmCore {
         }
         // 1. Device pages come back to system memory while faults can
         //    still be served, then no device may use the address space.
+        self.revoke_all_exclusive();
         if let Ok(all) = VaRange::new(
             VirtAddr(crate::addr::PAGE_SIZE),
             VirtAddr(crate::addr::TASK_SIZE),

@@ -7,10 +7,14 @@
 //! ioctls' results (`cpages`, `faults`) and errors.
 //!
 //! The device reaches host memory by virtual address through
-//! `process_vm_readv`/`writev` on its own process, so a page unmapped or
-//! write-protected under it is an error, never a crash: the device drops the
-//! entry and faults again, and the range fault then reports what the CPU
-//! page table says (`-EFAULT`, `-EPERM`).
+//! `/proc/self/mem` (checking the mapping's write permission before a
+//! write), so a page unmapped or write-protected under it is an error, never
+//! a crash: the device drops the entry and faults again, and the range fault
+//! then reports what the CPU page table says (`-EFAULT`, `-EPERM`). Unlike
+//! `process_vm_readv`, `/proc/self/mem` never waits on a userfaultfd: the
+//! device copies under its page-table lock, and a copy waiting on a fault
+//! the service thread must serve while the service thread waits on that
+//! lock for an invalidation would deadlock.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock};
@@ -226,6 +230,14 @@ pub struct Dmirror {
     exposed: StdMutex<Vec<OwnedFd>>,
 }
 
+/// What a device access through a special entry reaches.
+enum Target<'a> {
+    /// A page of device memory.
+    Page(&'a DevicePage),
+    /// A host page the device holds (exclusive access).
+    Host(VirtAddr),
+}
+
 /// Validates a command's `addr` and `npages` as the ioctl does.
 fn cmd_range(addr: VirtAddr, npages: u64) -> Result<VaRange> {
     if !addr.is_page_aligned() {
@@ -295,11 +307,15 @@ impl Dmirror {
         range: VaRange,
         write: bool,
         mut copy: impl FnMut(VirtAddr, usize, usize) -> std::result::Result<usize, rustix::io::Errno>,
-        mut dev_io: impl FnMut(&DevicePage, usize) -> Result<()>,
+        mut dev_io: impl FnMut(Target<'_>, usize) -> Result<()>,
     ) -> Result<Cmd> {
         let mut done = 0u64;
         let mut cmd = Cmd::default();
         let npages = range.npages();
+        // What the program finished before this command (an munmap or
+        // mremap has had its event read when it returns) is handled first:
+        // a device page replaced by then must not be read.
+        self.mirror.mm().settle()?;
         loop {
             {
                 let mut table = self.mirror.lock();
@@ -309,7 +325,7 @@ impl Dmirror {
                     done,
                     write,
                     &mut copy,
-                    &mut |va, off, pfn| self.device_copy(va, off, pfn, write, &mut dev_io),
+                    &mut |va, off, e| self.device_copy(va, off, e, write, &mut dev_io),
                 );
             }
             if done == npages {
@@ -337,9 +353,18 @@ impl Dmirror {
             range,
             false,
             |va, off, len| {
-                crate::os::process_vm::read(va, &mut bounce.borrow_mut()[off..off + len])
+                crate::os::process_vm::mem_read(va, &mut bounce.borrow_mut()[off..off + len])
             },
-            |page, off| page.read(&mut bounce.borrow_mut()[off..off + PAGE_SIZE as usize]),
+            |target, off| {
+                let mut b = bounce.borrow_mut();
+                let page = &mut b[off..off + PAGE_SIZE as usize];
+                match target {
+                    Target::Page(p) => p.read(page),
+                    Target::Host(a) => crate::os::process_vm::mem_read(a, page)
+                        .map(|_| ())
+                        .map_err(|e| Error::os("process_vm_readv", e)),
+                }
+            },
         )?;
         let bounce = bounce.into_inner();
         out[..bounce.len()].copy_from_slice(&bounce);
@@ -356,8 +381,28 @@ impl Dmirror {
         self.access(
             range,
             true,
-            |va, off, len| crate::os::process_vm::write(va, &data[off..off + len]),
-            |page, off| page.write(0, &data[off..off + PAGE_SIZE as usize]),
+            |va, off, len| {
+                // `/proc/self/mem` writes like a debugger: only as far as
+                // the mapping still allows writes (a plain mprotect raises
+                // no event, so the entry's permission may be stale).
+                let vma = self.mirror.mm().vma_at(va).ok().flatten();
+                let Some(v) = vma.filter(|v| {
+                    v.start <= va && v.flags.contains(crate::os::procmap::VmaFlags::WRITE)
+                }) else {
+                    return Err(rustix::io::Errno::FAULT);
+                };
+                let len = len.min((v.end.get() - va.get()) as usize);
+                crate::os::process_vm::mem_write(va, &data[off..off + len])
+            },
+            |target, off| {
+                let page = &data[off..off + PAGE_SIZE as usize];
+                match target {
+                    Target::Page(p) => p.write(0, page),
+                    Target::Host(a) => crate::os::process_vm::mem_write(a, page)
+                        .map(|_| ())
+                        .map_err(|e| Error::os("process_vm_writev", e)),
+                }
+            },
         )
     }
 
@@ -368,14 +413,102 @@ impl Dmirror {
         &self,
         va: VirtAddr,
         off: usize,
-        pfn: u64,
-        _write: bool,
-        io: &mut impl FnMut(&DevicePage, usize) -> Result<()>,
+        e: MirrorEntry,
+        write: bool,
+        io: &mut impl FnMut(Target<'_>, usize) -> Result<()>,
     ) -> bool {
-        let Ok(Some(page)) = self.mirror.mm().device_page_at(va) else {
+        let mm = self.mirror.mm();
+        if e.atomic {
+            // The page the device holds exclusive: it works on it in the
+            // holder. A write checks the mapping still allows writes (a
+            // plain mprotect raises no event).
+            let Ok(Some((holder, owner))) = mm.exclusive_now(va) else {
+                return false;
+            };
+            if owner != self.device.owner {
+                return false;
+            }
+            if write
+                && !matches!(mm.vma_at(va), Ok(Some(v)) if v.start <= va
+                    && v.flags.contains(crate::os::procmap::VmaFlags::WRITE))
+            {
+                return false;
+            }
+            return io(Target::Host(holder), off).is_ok();
+        }
+        let Ok(Some(page)) = mm.device_page_now(va) else {
             return false;
         };
-        page.pfn() == pfn && io(&page, off).is_ok()
+        page.pfn() == e.pfn.0 && io(Target::Page(&page), off).is_ok()
+    }
+
+    /// `HMM_DMIRROR_EXCLUSIVE`: takes every page of the range for exclusive
+    /// (atomic) access, maps them in the device page table as atomic, and
+    /// reads them back into `out` (when given).
+    ///
+    /// # Errors
+    /// As [`Mm::make_device_exclusive`]; [`Error::Inval`] for a bad range.
+    pub fn exclusive(&self, addr: VirtAddr, npages: u64, out: Option<&mut [u8]>) -> Result<Cmd> {
+        let range = cmd_range(addr, npages)?;
+        if let Some(o) = &out {
+            check_buf(o.len(), range)?;
+        }
+        let mm = self.mirror.mm();
+        let mut a = range.start();
+        while a < range.end() {
+            let vma = match mm.vma_at(a)? {
+                Some(v) if v.start <= a => v,
+                _ => {
+                    return Err(Error::Fault {
+                        addr: a,
+                        why: "no VMA",
+                    });
+                }
+            };
+            let next = range.end().min(vma.end);
+            let part = VaRange::new(a, next)?;
+            mm.make_device_exclusive(part, self.device.owner)?;
+            let mut t = self.mirror.lock();
+            for k in 0..part.npages() {
+                let va = VirtAddr(a.get() + (k << PAGE_SHIFT));
+                if matches!(mm.exclusive_now(va), Ok(Some((_, o))) if o == self.device.owner) {
+                    t.insert(
+                        va,
+                        MirrorEntry {
+                            pfn: crate::addr::Pfn(0),
+                            write: true,
+                            order: 0,
+                            atomic: true,
+                        },
+                    );
+                }
+            }
+            drop(t);
+            a = next;
+        }
+        let mut bounce = vec![0u8; range.len() as usize];
+        let cmd = self.read(range.start(), npages, &mut bounce)?;
+        if let Some(o) = out {
+            o[..bounce.len()].copy_from_slice(&bounce);
+        }
+        Ok(cmd)
+    }
+
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: `-EPERM` if the device still holds any
+    /// page of the range for atomic access.
+    ///
+    /// # Errors
+    /// [`Error::Perm`] at the first atomic entry; [`Error::Inval`] for a bad range.
+    pub fn check_exclusive(&self, addr: VirtAddr, npages: u64) -> Result<Cmd> {
+        let range = cmd_range(addr, npages)?;
+        let t = self.mirror.lock();
+        if let Some((va, _)) = t.entries_in(range).find(|(_, e)| e.atomic) {
+            return Err(Error::Perm { addr: va });
+        }
+        Ok(Cmd {
+            cpages: npages,
+            faults: 0,
+        })
     }
 
     /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates `npages` from `addr` to this
@@ -447,6 +580,7 @@ impl Dmirror {
                                     pfn: crate::addr::Pfn(pfn),
                                     write: d & MIGRATE_PFN_WRITE != 0,
                                     order: 0,
+                                    atomic: false,
                                 },
                             );
                         }
@@ -464,12 +598,13 @@ impl Dmirror {
     /// page of `range` is not this device's memory.
     fn read_device_only(&self, range: VaRange, out: Option<&mut [u8]>) -> Result<Cmd> {
         let mm = self.mirror.mm();
+        mm.settle()?;
         let mut bounce = vec![0u8; range.len() as usize];
         let t = self.mirror.lock();
         for k in 0..range.npages() {
             let va = VirtAddr(range.start().get() + (k << PAGE_SHIFT));
             let e = t.get(va).ok_or(Error::NoEnt)?;
-            let page = mm.device_page_at(va)?.ok_or(Error::NoEnt)?;
+            let page = mm.device_page_now(va)?.ok_or(Error::NoEnt)?;
             if page.pfn() != e.pfn.0 || page.owner() != self.device.owner {
                 return Err(Error::NoEnt);
             }
@@ -603,16 +738,16 @@ fn copy_mapped(
     mut done: u64,
     write: bool,
     copy: &mut impl FnMut(VirtAddr, usize, usize) -> std::result::Result<usize, rustix::io::Errno>,
-    device: &mut impl FnMut(VirtAddr, usize, u64) -> bool,
+    device: &mut impl FnMut(VirtAddr, usize, MirrorEntry) -> bool,
 ) -> u64 {
     let npages = range.npages();
     while done < npages {
         // A page of device memory: the device accesses it directly.
         let va = VirtAddr(range.start().get() + (done << PAGE_SHIFT));
         if let Some(e) = table.get(va)
-            && crate::devmem::is_device_pfn(e.pfn.0)
+            && (e.atomic || crate::devmem::is_device_pfn(e.pfn.0))
         {
-            if (write && !e.write) || !device(va, (done << PAGE_SHIFT) as usize, e.pfn.0) {
+            if (write && !e.write) || !device(va, (done << PAGE_SHIFT) as usize, e) {
                 table.remove(va);
                 return done;
             }
@@ -624,7 +759,11 @@ fn copy_mapped(
         while done + run < npages {
             let va = VirtAddr(range.start().get() + ((done + run) << PAGE_SHIFT));
             match table.get(va) {
-                Some(e) if (!write || e.write) && !crate::devmem::is_device_pfn(e.pfn.0) => {
+                Some(e)
+                    if (!write || e.write)
+                        && !e.atomic
+                        && !crate::devmem::is_device_pfn(e.pfn.0) =>
+                {
                     run += 1
                 }
                 _ => break,

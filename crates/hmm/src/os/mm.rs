@@ -68,6 +68,15 @@ pub fn dontneed(range: VaRange) -> Result<(), Errno> {
     madvise(range, libc::MADV_DONTNEED)
 }
 
+/// `MADV_FREE`: lets the kernel drop the pages of `range` lazily; private
+/// anonymous memory then reads back as zeros or as it was.
+///
+/// # Errors
+/// `EINVAL` for shared or locked mappings, `ENOMEM` for unmapped addresses.
+pub fn free(range: VaRange) -> Result<(), Errno> {
+    madvise(range, libc::MADV_FREE)
+}
+
 /// `MADV_HUGEPAGE` (`true`) or `MADV_NOHUGEPAGE` (`false`) on `range`.
 ///
 /// # Errors

@@ -71,6 +71,87 @@ pub fn write(addr: VirtAddr, buf: &[u8]) -> Result<usize, Errno> {
     transfer(addr, buf.as_ptr().cast_mut(), buf.len(), true)
 }
 
+/// This process's `/proc/self/mem`, opened once per pid (a forked child
+/// must not use its parent's: the file is bound to the address space it
+/// was opened in). Packed as `pid << 32 | fd`; 0 when not open.
+static MEM_FD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn mem_fd() -> Result<std::os::fd::BorrowedFd<'static>, Errno> {
+    use std::os::fd::{BorrowedFd, IntoRawFd};
+    use std::sync::atomic::Ordering;
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let cur = MEM_FD.load(Ordering::Acquire);
+    let fd = if cur >> 32 == u64::from(pid) && cur != 0 {
+        cur as u32 as i32
+    } else {
+        let owned = rustix::fs::open(
+            "/proc/self/mem",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let raw = owned.into_raw_fd();
+        let packed = (u64::from(pid) << 32) | u64::from(raw as u32);
+        match MEM_FD.compare_exchange(cur, packed, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => raw,
+            Err(now) => {
+                // Another thread opened it first: use theirs, close ours.
+                // SAFETY: `raw` came from `into_raw_fd` above and nothing
+                // else owns it.
+                drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+                now as u32 as i32
+            }
+        }
+    };
+    // SAFETY: the fd stays open for the life of the process (it is never
+    // closed once published in MEM_FD for this pid).
+    Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// Like [`read`], through `/proc/self/mem`, which **never waits on a
+/// userfaultfd**: a page whose fault would go to a userfaultfd handler
+/// ends the transfer (`EIO`/short count) instead. A device that holds its
+/// page-table lock while it copies must use this: waiting on a fault the
+/// service thread serves, while the service thread waits on that lock for
+/// an invalidation, would deadlock.
+///
+/// # Errors
+/// `EIO` when the first page cannot be read; the `Errno` of `open(2)`.
+pub fn mem_read(addr: VirtAddr, buf: &mut [u8]) -> Result<usize, Errno> {
+    let fd = mem_fd()?;
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], addr.get() + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+/// Like [`write`], through `/proc/self/mem` (see [`mem_read`]). The kernel
+/// writes as a debugger does (`FOLL_FORCE`), so a read-only private page
+/// would be written too: the caller checks the mapping's permission.
+///
+/// # Errors
+/// `EIO` when the first page cannot be written; the `Errno` of `open(2)`.
+pub fn mem_write(addr: VirtAddr, buf: &[u8]) -> Result<usize, Errno> {
+    let fd = mem_fd()?;
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pwrite(fd, &buf[done..], addr.get() + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

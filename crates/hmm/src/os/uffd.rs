@@ -293,6 +293,21 @@ impl Uffd {
     /// `ENOENT` when the mapping changed under a pending remove, `EINVAL` for
     /// misaligned or unregistered ranges, `ESRCH` when the process is exiting.
     pub fn copy(&self, dst: VirtAddr, src: &[u8], dontwake: bool) -> Result<(), Errno> {
+        self.copy_mode(dst, src, dontwake, false)
+    }
+
+    /// [`Uffd::copy`], installing the pages write-protected when `wp`
+    /// (`UFFDIO_COPY_MODE_WP`; the range must be registered in WP mode).
+    ///
+    /// # Errors
+    /// As [`Uffd::copy`].
+    pub fn copy_mode(
+        &self,
+        dst: VirtAddr,
+        src: &[u8],
+        dontwake: bool,
+        wp: bool,
+    ) -> Result<(), Errno> {
         let mut done = 0u64;
         let len = src.len() as u64;
         while done < len {
@@ -304,7 +319,7 @@ impl Uffd {
                     g::UFFDIO_COPY_MODE_DONTWAKE as u64
                 } else {
                     0
-                },
+                } | if wp { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 },
                 copy: 0,
             };
             // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which `src` covers,
