@@ -14,13 +14,50 @@
 //! The statistics, the verdict and the report formats are pure and tested
 //! here; the measurements live in the submodules.
 
-use std::fmt;
+use std::error::Error;
+use std::fmt::{self, Display};
 use std::process::ExitCode;
 
 use clap::Subcommand;
 use serde::Serialize;
 
 mod fault;
+mod migrate;
+
+/// The error type of the measurements.
+type BoxResult<T> = Result<T, Box<dyn Error>>;
+
+/// Adds what failed to an error.
+trait Ctx<T> {
+    fn ctx(self, what: &str) -> BoxResult<T>;
+}
+
+impl<T, E: Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> BoxResult<T> {
+        self.map_err(|e| format!("{what}: {e}").into())
+    }
+}
+
+/// Logs progress to stderr when asked.
+struct Progress(bool);
+
+impl Progress {
+    fn say(&self, what: impl Display) {
+        if self.0 {
+            eprintln!("{what}");
+        }
+    }
+}
+
+/// The order of two arms in repetition `rep`: alternating, so neither
+/// always runs on memory the other just freed.
+fn order2(rep: usize) -> [usize; 2] {
+    if rep.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
 
 /// The benchmarks `hmm bench` runs.
 #[derive(Debug, Subcommand)]
@@ -37,6 +74,19 @@ pub enum BenchKind {
         /// Size of the snapshot range in MiB (the device fault uses at most 256 MiB of it).
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
+    },
+    /// Migration to device memory and back (the kernel's
+    /// benchmark_thp_migration sizes, with and without THP, both storage
+    /// flavours), CPU fault-back and a CPU scan of migrated memory, against
+    /// memcpy, UFFDIO_MOVE/COPY and a bare userfaultfd monitor.
+    Migrate {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Measured repetitions (after one discarded warm-up repetition);
+        /// the 256 MiB rows run half as many, rounded up.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
 }
 
@@ -57,14 +107,27 @@ pub fn run(which: BenchKind) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 return Err("--size-mib must be at least 1".into());
             }
             let report = fault::run(reps, size_mib, !json)?;
-            if json {
-                println!("{}", report.to_json()?);
-            } else {
-                print!("{report}");
+            print_report(&report, json)?;
+        }
+        BenchKind::Migrate { json, reps } => {
+            if reps == 0 {
+                return Err("--reps must be at least 1".into());
             }
+            let report = migrate::run(reps, !json)?;
+            print_report(&report, json)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `report` as JSON or as a table.
+fn print_report(report: &Report, json: bool) -> Result<(), Box<dyn Error>> {
+    if json {
+        println!("{}", report.to_json()?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 /// Median and range of a set of samples.
@@ -186,7 +249,7 @@ impl Row {
 /// A benchmark's result: its rows and how its threads were placed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
-    /// The benchmark's name (`"fault"`).
+    /// The benchmark's name (`"fault"`, `"migrate"`).
     pub bench: &'static str,
     /// Thread placement, in words.
     pub placement: String,

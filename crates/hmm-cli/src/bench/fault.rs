@@ -22,8 +22,6 @@
 //! reuses the pages the previous one freed), the two arms alternate in order,
 //! and the first repetition of every section is a discarded warm-up.
 
-use std::error::Error;
-use std::fmt::Display;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,9 +35,7 @@ use hmm::{
     HmmPfn, HmmRange, IntervalNotifier, Mirror, MirrorOptions, Mm, MmOptions, PAGE_SIZE, VaRange,
 };
 
-use super::{CpuTicks, Report, Row, Target};
-
-type BoxResult<T> = Result<T, Box<dyn Error>>;
+use super::{BoxResult, CpuTicks, Ctx, Progress, Report, Row, Target, order2};
 
 /// The CPU every thread of the benchmark runs on.
 const CPU: usize = 0;
@@ -53,17 +49,6 @@ const SNAPSHOT_CALLS: u32 = 5;
 /// benchmark gives up (it normally takes microseconds).
 const INVAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Adds what failed to an error.
-trait Ctx<T> {
-    fn ctx(self, what: &str) -> BoxResult<T>;
-}
-
-impl<T, E: Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: &str) -> BoxResult<T> {
-        self.map_err(|e| format!("{what}: {e}").into())
-    }
-}
-
 /// Notifier callbacks of a snapshot that keeps no device table: only the
 /// sequence, so that `read_retry` works.
 #[derive(Debug)]
@@ -73,27 +58,6 @@ impl IntervalNotifierOps for SeqOnly {
     fn invalidate(&self, sub: &Interval, _range: &NotifierRange, cur_seq: u64) -> bool {
         sub.set_seq(cur_seq);
         true
-    }
-}
-
-/// Logs progress to stderr when asked.
-struct Progress(bool);
-
-impl Progress {
-    fn say(&self, what: impl Display) {
-        if self.0 {
-            eprintln!("{what}");
-        }
-    }
-}
-
-/// The order of two arms in repetition `rep`: alternating, so neither
-/// always runs on memory the other just freed.
-fn order2(rep: usize) -> [usize; 2] {
-    if rep.is_multiple_of(2) {
-        [0, 1]
-    } else {
-        [1, 0]
     }
 }
 
