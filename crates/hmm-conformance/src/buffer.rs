@@ -117,8 +117,25 @@ pub(crate) enum Request {
     Read,
     /// `HMM_DMIRROR_WRITE`: the device writes `mirror` into `ptr`.
     Write,
+    /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates `ptr` to the device's memory,
+    /// then reads it back from there into `mirror`.
+    MigrateToDev,
+    /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrates the device's pages of `ptr`
+    /// back to system memory.
+    MigrateToSys,
     /// `HMM_DMIRROR_SNAPSHOT`: one status byte per page of `ptr` into `mirror`.
     Snapshot,
+    /// `HMM_DMIRROR_EXCLUSIVE`: takes the pages of `ptr` from the CPU for
+    /// the device's exclusive (atomic) access, then reads them into `mirror`.
+    Exclusive,
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: `-EPERM` while the device still holds
+    /// any page of `ptr` for atomic access.
+    CheckExclusive,
+    /// `HMM_DMIRROR_RELEASE`: evicts all of the device's memory.
+    Release,
+    /// `HMM_DMIRROR_FLAGS`: `npages` carries the flags
+    /// (`HMM_DMIRROR_FLAG_FAIL_ALLOC`).
+    Flags,
 }
 
 impl Request {
@@ -127,7 +144,13 @@ impl Request {
         match self {
             Request::Read => "HMM_DMIRROR_READ",
             Request::Write => "HMM_DMIRROR_WRITE",
+            Request::MigrateToDev => "HMM_DMIRROR_MIGRATE_TO_DEV",
+            Request::MigrateToSys => "HMM_DMIRROR_MIGRATE_TO_SYS",
             Request::Snapshot => "HMM_DMIRROR_SNAPSHOT",
+            Request::Exclusive => "HMM_DMIRROR_EXCLUSIVE",
+            Request::CheckExclusive => "HMM_DMIRROR_CHECK_EXCLUSIVE",
+            Request::Release => "HMM_DMIRROR_RELEASE",
+            Request::Flags => "HMM_DMIRROR_FLAGS",
         }
     }
 }
@@ -162,11 +185,48 @@ pub(crate) fn hmm_dmirror_cmd_at(
     let cmd: Cmd = match request {
         Request::Read => fd.read(addr, npages, &mut buffer.mirror),
         Request::Write => fd.write(addr, npages, &buffer.mirror),
+        Request::MigrateToDev => fd.migrate_to_dev(addr, npages, Some(&mut buffer.mirror)),
+        Request::MigrateToSys => fd.migrate_to_sys(addr, npages),
         Request::Snapshot => fd.snapshot(addr, npages, &mut buffer.mirror),
+        Request::Exclusive => fd.exclusive(addr, npages, Some(&mut buffer.mirror)),
+        Request::CheckExclusive => fd.check_exclusive(addr, npages),
+        // The ioctl zeroes cpages and faults before it dispatches and copies
+        // them back on success.
+        Request::Release => fd.release().map(|()| Cmd::default()),
+        Request::Flags => {
+            fd.set_flags(npages);
+            Ok(Cmd::default())
+        }
     }?;
     buffer.cpages = cmd.cpages;
     buffer.faults = cmd.faults;
     Ok(())
+}
+
+/// `hmm_migrate_sys_to_dev(fd, buffer, npages)`: `HMM_DMIRROR_MIGRATE_TO_DEV`
+/// over `npages` from `buffer.ptr`.
+///
+/// # Errors
+/// As [`hmm_dmirror_cmd`].
+pub(crate) fn hmm_migrate_sys_to_dev(
+    fd: &Dmirror,
+    buffer: &mut Buffer,
+    npages: u64,
+) -> hmm::Result<()> {
+    hmm_dmirror_cmd(fd, Request::MigrateToDev, buffer, npages)
+}
+
+/// `hmm_migrate_dev_to_sys(fd, buffer, npages)`: `HMM_DMIRROR_MIGRATE_TO_SYS`
+/// over `npages` from `buffer.ptr`.
+///
+/// # Errors
+/// As [`hmm_dmirror_cmd`].
+pub(crate) fn hmm_migrate_dev_to_sys(
+    fd: &Dmirror,
+    buffer: &mut Buffer,
+    npages: u64,
+) -> hmm::Result<()> {
+    hmm_dmirror_cmd(fd, Request::MigrateToSys, buffer, npages)
 }
 
 /// `hmm_create_file(size)`: an `O_TMPFILE` in `/tmp` of `size` bytes,

@@ -14,8 +14,12 @@ use crate::case::Outcome;
 
 /// `EPERM`, as the kernel test compares `ret == -EPERM`.
 pub(crate) const EPERM: i32 = libc::EPERM;
+/// `ENOENT`.
+pub(crate) const ENOENT: i32 = libc::ENOENT;
 /// `EFAULT`.
 pub(crate) const EFAULT: i32 = libc::EFAULT;
+/// `EINVAL`.
+pub(crate) const EINVAL: i32 = libc::EINVAL;
 
 /// Why a case body stopped before its end.
 #[derive(Clone, PartialEq, Eq, Debug)]

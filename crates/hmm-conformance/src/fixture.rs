@@ -25,9 +25,18 @@ fn hmm_open(unit: u32, variant: Variant) -> Check<Dmirror> {
     })
 }
 
+/// `hmm_is_coherent_type(dev_num)`: whether the device of that number has
+/// device-coherent memory: `dev_num >= HMM_COHERENCE_DEVICE_ONE`, minors 2
+/// and 3.
+pub(crate) const fn hmm_is_coherent_type(dev_num: u32) -> bool {
+    dev_num >= 2
+}
+
 /// `FIXTURE(hmm)`: one mirror device.
 #[derive(Debug)]
 pub(crate) struct Hmm {
+    /// `variant->device_number`: the minor of `fd`.
+    pub device_number: u32,
     /// `self->fd`: the device of the variant (`/dev/hmm_dmirror0` or `2`).
     pub fd: Dmirror,
     /// `self->page_size`.
@@ -43,6 +52,7 @@ impl Hmm {
             return Err(fail("the hmm fixture has one device"));
         };
         Ok(Hmm {
+            device_number: unit,
             fd: hmm_open(unit, variant)?,
             page_size: PAGE_SIZE,
             page_shift: PAGE_SHIFT,
@@ -53,13 +63,11 @@ impl Hmm {
 /// `FIXTURE(hmm2)`: two mirror devices with distinct owners.
 #[derive(Debug)]
 pub(crate) struct Hmm2 {
+    /// `variant->device_number0`: the minor of `fd0`.
+    pub device_number0: u32,
     /// `self->fd0`: `/dev/hmm_dmirror0` (or `2`).
     pub fd0: Dmirror,
     /// `self->fd1`: `/dev/hmm_dmirror1` (or `3`).
-    #[expect(
-        dead_code,
-        reason = "only the migration tests use device 1; the setup opens it as the kernel's does"
-    )]
     pub fd1: Dmirror,
     /// `self->page_size`.
     pub page_size: u64,
@@ -76,6 +84,7 @@ impl Hmm2 {
         let fd0 = hmm_open(unit0, variant)?;
         let fd1 = hmm_open(unit1, variant)?;
         Ok(Hmm2 {
+            device_number0: unit0,
             fd0,
             fd1,
             page_size: PAGE_SIZE,

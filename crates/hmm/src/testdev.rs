@@ -87,6 +87,8 @@ pub struct Device {
     fail_alloc: std::sync::atomic::AtomicBool,
     /// Pages of device memory.
     npages: u64,
+    /// Pages a CPU fault brings back ([`Device::set_fault_batch`]).
+    fault_batch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the device's next allocation fails (the
@@ -98,15 +100,31 @@ pub const HMM_DMIRROR_FLAG_FAIL_ALLOC: u64 = 1 << 0;
 /// costs nothing).
 pub const DEVICE_PAGES: u64 = 128 * 1024;
 
-/// Entries per migration step, as dmirror's `src_pfns[64]`.
-const MIGRATE_CHUNK_PAGES: u64 = 64;
+/// Entries per migration step (dmirror's `src_pfns[64]`; a PMD's worth
+/// here, which costs less per page).
+const MIGRATE_CHUNK_PAGES: u64 = 512;
+
+/// The most pages a CPU fault can bring back ([`Device::set_fault_batch`]).
+pub const MAX_FAULT_BATCH_PAGES: u64 = 512;
 
 /// The driver callbacks of a dmirror device's memory.
 #[derive(Debug)]
-struct DmirrorOps;
+struct DmirrorOps {
+    /// Pages a CPU fault brings back (1 as dmirror; more up to the end of
+    /// the faulting page's aligned block of that many pages).
+    batch: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl PagemapOps for DmirrorOps {
     fn page_free(&self, _page: &PageRef<'_>) {}
+
+    fn migrate_to_ram(&self, _page: &PageRef<'_>, addr: VirtAddr) -> Result<u64> {
+        let n = self
+            .batch
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .clamp(1, MAX_FAULT_BATCH_PAGES);
+        Ok(n - (addr.page_index() % n))
+    }
 }
 
 impl Device {
@@ -161,7 +179,18 @@ impl Device {
             pagemap: StdMutex::new(None),
             fail_alloc: std::sync::atomic::AtomicBool::new(false),
             npages,
+            fault_batch: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         })
+    }
+
+    /// How many pages a CPU fault on this device's memory brings back: 1
+    /// (the default, as dmirror) up to [`MAX_FAULT_BATCH_PAGES`], taken
+    /// from the faulting page to the end of its aligned block of `pages`.
+    pub fn set_fault_batch(&self, pages: u64) {
+        self.fault_batch.store(
+            pages.clamp(1, MAX_FAULT_BATCH_PAGES),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Where the device keeps page data.
@@ -179,7 +208,9 @@ impl Device {
                 self.npages,
                 self.owner,
                 self.storage,
-                Box::new(DmirrorOps),
+                Box::new(DmirrorOps {
+                    batch: self.fault_batch.clone(),
+                }),
             )?);
         }
         match g.as_ref() {
@@ -505,10 +536,8 @@ impl Dmirror {
         if let Some((va, _)) = t.entries_in(range).find(|(_, e)| e.atomic) {
             return Err(Error::Perm { addr: va });
         }
-        Ok(Cmd {
-            cpages: npages,
-            faults: 0,
-        })
+        // The ioctl leaves `cpages` as it was (0).
+        Ok(Cmd::default())
     }
 
     /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates `npages` from `addr` to this
@@ -599,7 +628,7 @@ impl Dmirror {
     fn read_device_only(&self, range: VaRange, out: Option<&mut [u8]>) -> Result<Cmd> {
         let mm = self.mirror.mm();
         mm.settle()?;
-        let mut bounce = vec![0u8; range.len() as usize];
+        let mut out = out;
         let t = self.mirror.lock();
         for k in 0..range.npages() {
             let va = VirtAddr(range.start().get() + (k << PAGE_SHIFT));
@@ -608,13 +637,13 @@ impl Dmirror {
             if page.pfn() != e.pfn.0 || page.owner() != self.device.owner {
                 return Err(Error::NoEnt);
             }
-            let off = (k << PAGE_SHIFT) as usize;
-            page.read(&mut bounce[off..off + PAGE_SIZE as usize])?;
+            // Without a buffer only the placement is checked.
+            if let Some(o) = out.as_deref_mut() {
+                let off = (k << PAGE_SHIFT) as usize;
+                page.read(&mut o[off..off + PAGE_SIZE as usize])?;
+            }
         }
         drop(t);
-        if let Some(o) = out {
-            o[..bounce.len()].copy_from_slice(&bounce);
-        }
         Ok(Cmd {
             cpages: range.npages(),
             faults: 0,

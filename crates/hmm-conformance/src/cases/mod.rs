@@ -7,14 +7,27 @@
 //!
 //! - [`anon`]: device reads and writes of private and shared anonymous
 //!   memory, across `fork`, THP and hugetlb (tests 2–9 and 18).
-//! - [`file`]: device reads and writes of a shared file mapping (10, 11).
-//! - [`snapshot`]: what the device sees without faulting (20–22).
+//! - [`exclusive`](mod@exclusive): exclusive (atomic) device access, revoked
+//!   by a CPU access, and a device write after the CPU made the pages
+//!   read-only (24, 25).
+//! - [`file`](mod@file): device reads and writes of a shared file mapping
+//!   (10, 11).
+//! - [`migrate`](mod@migrate): migration of anonymous memory to
+//!   device-private memory and back, by command, by CPU fault and by
+//!   releasing the device's memory (12–17), and the device-private THP
+//!   migrations of the mm tree (`migrate_anon_huge_*`).
+//! - [`snapshot`](mod@snapshot): what the device sees without faulting,
+//!   device pages included (20–22).
 //!
-//! The tests that need device memory (migration, exclusive access, GUP of
-//! device pages) wait for it and are not here.
+//! Not here yet: `anon_teardown`, `double_map`, `exclusive_cow`,
+//! `hmm_gup_test`, `hmm_cow_in_device`, and the mm tree's
+//! `migrate_partial_unmap_fault`, `migrate_remap_fault` and
+//! `benchmark_thp_migration`.
 
 pub(crate) mod anon;
+pub(crate) mod exclusive;
 pub(crate) mod file;
+pub(crate) mod migrate;
 pub(crate) mod snapshot;
 
 use core::fmt;
@@ -28,7 +41,13 @@ pub(crate) use anon::{
     anon_read, anon_read_multiple, anon_read_prot, anon_write, anon_write_child,
     anon_write_child_shared, anon_write_huge, anon_write_hugetlbfs, anon_write_prot,
 };
+pub(crate) use exclusive::{exclusive, exclusive_mprotect};
 pub(crate) use file::{file_read, file_write};
+pub(crate) use migrate::{
+    migrate, migrate_anon_huge_empty, migrate_anon_huge_err, migrate_anon_huge_fault,
+    migrate_anon_huge_free, migrate_anon_huge_zero, migrate_anon_huge_zero_err, migrate_fault,
+    migrate_mixed, migrate_multiple, migrate_release, migrate_shared,
+};
 pub(crate) use snapshot::{compound, mixedmap, snapshot};
 
 use crate::buffer::{Buffer, HMM_BUFFER_SIZE, Request, TWOMEG, align};

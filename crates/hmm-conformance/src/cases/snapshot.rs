@@ -4,14 +4,16 @@
 use hmm::addr::{PMD_SHIFT, PUD_SHIFT};
 use hmm::os::mm::{Mapping, PROT_NONE, Prot, mprotect};
 use hmm::testdev::{
-    HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD, HMM_DMIRROR_PROT_READ,
-    HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO,
+    HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL, HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
+    HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD, HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE,
+    HMM_DMIRROR_PROT_ZERO,
 };
 
 use super::{ProtByte, assert_cmd, hugetlb_mapping};
-use crate::buffer::{Buffer, Request, hmm_dmirror_cmd, int};
-use crate::check::{Check, OrFail, assert_each, assert_eq, fail, skip};
-use crate::fixture::{Hmm, Hmm2};
+use crate::buffer::{Buffer, Request, hmm_dmirror_cmd, hmm_dmirror_cmd_at, int};
+use crate::check::{Check, Context, OrFail, assert_each, assert_eq, fail, skip};
+use crate::fixture::{Hmm, Hmm2, hmm_is_coherent_type};
 
 /// `m[i]` of a snapshot, for messages.
 fn m(buffer: &Buffer) -> impl Fn(usize) -> ProtByte + '_ {
@@ -61,21 +63,21 @@ pub(crate) fn mixedmap(hmm: &Hmm) -> Check {
 }
 
 /// Test memory snapshot without faulting in pages accessed by the device:
-/// one page of each kind, seen through device 0.
-///
-/// The kernel migrates page 5 to device 0 and page 6 to device 1 and expects
-/// `DEV_PRIVATE_LOCAL|WRITE` (0x22) and `NONE` (0x00) for them in the
-/// private variant. Device memory does not exist yet, so pages 5 and 6 stay
-/// ordinary writable pages, written by the CPU so that they are present, and
-/// are expected as `WRITE` (0x02); the device bytes arrive with migration.
+/// one page of each kind, seen through device 0, with page 5 in device 0's
+/// memory and page 6 in device 1's.
 pub(crate) fn snapshot(hmm2: &Hmm2) -> Check {
     let npages = 7;
     let size = npages << hmm2.page_shift;
     let page_ints = (hmm2.page_size / 4) as usize;
+    let migrate = Request::MigrateToDev;
 
-    // Reserve a range of addresses.
+    // Reserve a range of addresses. The C mallocs `npages` bytes of mirror
+    // and lets the two migrations below copy a page each into it; here the
+    // mirror has room for that page, and the snapshot uses its first
+    // `npages` bytes.
     let ptr = Mapping::anonymous(size, PROT_NONE).or_fail("mmap")?;
-    let mut buffer = Buffer::new(ptr, npages);
+    let mut buffer = Buffer::new(ptr, size);
+    let p = buffer.ptr.addr();
     let page = |k| buffer.ptr.pages(k, 1);
 
     // Punch a hole after the first page address.
@@ -97,16 +99,34 @@ pub(crate) fn snapshot(hmm2: &Hmm2) -> Check {
         .or_fail("mprotect(pages 4-6, PROT_READ | PROT_WRITE)")?;
     buffer.set_ptr_int(4 * page_ints, val);
 
-    // Pages 5 and 6: the kernel migrates them to devices 0 and 1 here.
-    // Until device memory exists they are written by the CPU instead.
-    buffer.set_ptr_int(5 * page_ints, val);
-    buffer.set_ptr_int(6 * page_ints, val);
+    let (page5, page6) = (page(5).start(), page(6).start());
+
+    // Page 5 will be migrated to device 0.
+    let ret = hmm_dmirror_cmd_at(&hmm2.fd0, migrate, &mut buffer, page5, 1);
+    assert_cmd(migrate, &ret, &buffer, 1, None).context("page 5 to device 0")?;
+
+    // Page 6 will be migrated to device 1.
+    let ret = hmm_dmirror_cmd_at(&hmm2.fd1, migrate, &mut buffer, page6, 1);
+    assert_cmd(migrate, &ret, &buffer, 1, None).context("page 6 to device 1")?;
 
     // Simulate a device snapshotting CPU pagetables.
-    let ret = hmm_dmirror_cmd(&hmm2.fd0, Request::Snapshot, &mut buffer, npages);
+    let ret = hmm_dmirror_cmd_at(&hmm2.fd0, Request::Snapshot, &mut buffer, p, npages);
     assert_cmd(Request::Snapshot, &ret, &buffer, npages, None)?;
 
     // Check what the device saw.
+    let (m5, m6) = if hmm_is_coherent_type(hmm2.device_number0) {
+        (
+            HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL | HMM_DMIRROR_PROT_WRITE,
+            HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | HMM_DMIRROR_PROT_WRITE,
+        )
+    } else {
+        (
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE,
+            // Device 1's page is a device-private entry of another owner:
+            // with no fault requested it reads as not present.
+            HMM_DMIRROR_PROT_NONE,
+        )
+    };
     assert_snapshot(
         &buffer,
         &[
@@ -117,12 +137,8 @@ pub(crate) fn snapshot(hmm2: &Hmm2) -> Check {
             HMM_DMIRROR_PROT_ZERO | HMM_DMIRROR_PROT_READ,
             HMM_DMIRROR_PROT_READ,
             HMM_DMIRROR_PROT_WRITE,
-            // DEV_PRIVATE_LOCAL | WRITE (coherent: DEV_COHERENT_LOCAL | WRITE)
-            // once page 5 migrates to device 0.
-            HMM_DMIRROR_PROT_WRITE,
-            // NONE (coherent: DEV_COHERENT_REMOTE | WRITE) once page 6
-            // migrates to device 1.
-            HMM_DMIRROR_PROT_WRITE,
+            m5,
+            m6,
         ],
     )
 }
