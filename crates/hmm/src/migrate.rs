@@ -746,9 +746,13 @@ impl MigrateVma {
                             .map_err(|e| Error::os("UFFDIO_MOVE", e))?;
                     }
                     _ => {
-                        let mut buf = vec![0u8; PAGE_SIZE as usize];
-                        crate::os::process_vm::read(staged, &mut buf)
-                            .map_err(|e| Error::os("process_vm_readv", e))?;
+                        // The staging region is ours and nothing else
+                        // touches it: read it directly.
+                        let mut buf = [0u8; PAGE_SIZE as usize];
+                        if let Some(s) = &self.staging {
+                            s.copy_out((i as u64) << PAGE_SHIFT, &mut buf);
+                        }
+                        let _ = staged;
                         page.write(0, &buf)?;
                     }
                 }
@@ -849,18 +853,42 @@ impl MigrateVma {
             }
         }
         drop(freed);
-        for (i, vpn) in to_system {
-            if let Source::Device(page) = &self.sources[i] {
-                let at = VirtAddr(vpn << PAGE_SHIFT);
-                if let Err(e) = core.install_from_device_retrying(at, std::slice::from_ref(page)) {
-                    warn!("migrating {at} to system memory: {e}");
-                    self.src[i] &= !MIGRATE_PFN_MIGRATE;
-                    continue;
-                }
-                let mut st = core.dev.lock();
-                st.slots.remove(&vpn);
-                st.inflight.remove(&(self.id, i));
+        // Installed a run of consecutive pages at a time.
+        let mut k = 0;
+        while k < to_system.len() {
+            let mut end = k + 1;
+            while end < to_system.len() && to_system[end].1 == to_system[end - 1].1 + 1 {
+                end += 1;
             }
+            let run = &to_system[k..end];
+            let pages: Vec<DevicePage> = run
+                .iter()
+                .filter_map(|&(i, _)| match &self.sources[i] {
+                    Source::Device(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect();
+            let at = VirtAddr(run[0].1 << PAGE_SHIFT);
+            let installed = pages.len() == run.len()
+                && match core.install_from_device_retrying(at, &pages) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!("migrating {at} to system memory: {e}");
+                        false
+                    }
+                };
+            if !installed {
+                for &(i, _) in run {
+                    self.src[i] &= !MIGRATE_PFN_MIGRATE;
+                }
+            } else {
+                let mut st = core.dev.lock();
+                for &(i, vpn) in run {
+                    st.slots.remove(&vpn);
+                    st.inflight.remove(&(self.id, i));
+                }
+            }
+            k = end;
         }
     }
 

@@ -925,20 +925,25 @@ impl MmCore {
 
     fn service_loop(&self) {
         let mut msgs = Vec::with_capacity(16);
+        // Poll only when a read found nothing: under a stream of faults the
+        // next one is usually queued already (one system call less each).
+        let mut idle = true;
         loop {
-            let mut fds = [
-                PollFd::new(&self.uffd, PollFlags::IN),
-                PollFd::new(&self.stop, PollFlags::IN),
-            ];
-            match rustix::event::poll(&mut fds, None) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => {
-                    warn!("service thread: poll failed: {e}");
+            if idle {
+                let mut fds = [
+                    PollFd::new(&self.uffd, PollFlags::IN),
+                    PollFd::new(&self.stop, PollFlags::IN),
+                ];
+                match rustix::event::poll(&mut fds, None) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(e) => {
+                        warn!("service thread: poll failed: {e}");
+                        return;
+                    }
+                }
+                if !fds[1].revents().is_empty() {
                     return;
                 }
-            }
-            if !fds[1].revents().is_empty() {
-                return;
             }
             msgs.clear();
             // Read and handled under `layout`: `munmap` returns once its
@@ -948,7 +953,7 @@ impl MmCore {
             // and so comes after the handling, never before it.
             let layout = self.layout.write();
             match self.uffd.read_messages(&mut msgs) {
-                Ok(_) => {}
+                Ok(n) => idle = n == 0,
                 Err(e) => {
                     warn!("service thread: read failed: {e}");
                     return;

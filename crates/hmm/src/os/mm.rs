@@ -330,6 +330,31 @@ impl Mapping {
         unsafe { core::ptr::read_volatile(self.elem_ptr::<u64>(index)) }
     }
 
+    /// Copies `out.len()` bytes from byte `offset` of the mapping into
+    /// `out`. The mapping must be readable, and only memory no other
+    /// thread writes meanwhile gives a consistent copy (the library uses it
+    /// on its own regions).
+    ///
+    /// # Panics
+    /// When the range is out of bounds.
+    pub fn copy_out(&self, offset: u64, out: &mut [u8]) {
+        let end = offset.checked_add(out.len() as u64);
+        assert!(
+            end.is_some_and(|e| e <= self.len()),
+            "copy_out out of bounds"
+        );
+        // SAFETY: `offset..offset + out.len()` is inside our live mapping
+        // (checked above); `out` is a distinct Rust buffer; the mapping is
+        // only ever accessed through raw pointers, so no reference aliases.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.addr().as_mut_ptr::<u8>().add(offset as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            );
+        }
+    }
+
     /// Writes the `index`-th `u64` of the mapping (volatile).
     ///
     /// # Panics
