@@ -1184,8 +1184,9 @@ impl MmCore {
                     Err(Errno::NOENT) => {
                         self.uffd.zeropage(VaRange::from_len(dst, PAGE_SIZE)?, true)
                     }
-                    // A VMA without write permission: copy instead.
-                    Err(Errno::INVAL) => {
+                    // A VMA without write permission, or a page the move
+                    // refuses (shared copy-on-write): copy instead.
+                    Err(Errno::INVAL | Errno::BUSY) => {
                         let mut buf = vec![0u8; PAGE_SIZE as usize];
                         p.read(&mut buf)?;
                         self.uffd.copy(dst, &buf, true)
@@ -1462,9 +1463,44 @@ impl MmCore {
                 warn!("fork: dropping the shadow copies at {r:?}: {e}");
             }
         }
+        // The zap's REMOVE event clears the shadow flags when it is handled;
+        // a write fault read in the same batch is parked before that. Wait
+        // for it, so that no parked write is left behind.
+        self.wait_shadows_gone();
         let parked = std::mem::take(&mut self.dev.lock().parked);
         for (vpn, write) in parked {
             self.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
+        }
+    }
+
+    /// Waits (bounded) until no device page has a shadow copy.
+    fn wait_shadows_gone(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut acks = self
+            .removal_acks
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        loop {
+            let any = self
+                .dev
+                .lock()
+                .slots
+                .values()
+                .any(|s| matches!(s, Slot::Device { shadow: true, .. }));
+            let now = std::time::Instant::now();
+            if !any || now >= deadline {
+                if any {
+                    warn!("fork: the shadow copies' REMOVE events never came");
+                }
+                return;
+            }
+            acks = self
+                .removal_acks
+                .1
+                .wait_timeout(acks, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 

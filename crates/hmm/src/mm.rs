@@ -759,6 +759,10 @@ impl MmCore {
             Prot::READ | Prot::WRITE,
         )
         .map_err(|e| Error::os("mmap", e))?;
+        // A child never needs device storage (it gets the data as of the
+        // fork in its own pages), and pages shared copy-on-write with one
+        // could not be moved out any more.
+        crate::os::mm::dontfork(map.range()).map_err(|e| Error::os("madvise(MADV_DONTFORK)", e))?;
         self.mover()?
             .register(map.range(), RegisterMode::WP)
             .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
@@ -779,6 +783,7 @@ impl MmCore {
             Prot::READ | Prot::WRITE,
         )
         .map_err(|e| Error::os("mmap", e))?;
+        crate::os::mm::dontfork(map.range()).map_err(|e| Error::os("madvise(MADV_DONTFORK)", e))?;
         self.uffd
             .register(map.range(), RegisterMode::WP)
             .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
@@ -878,7 +883,12 @@ impl MmCore {
                     } else if let Ok(r) = page
                         && let Err(e) = self.uffd.writeprotect(r, false, false)
                     {
-                        warn!("UFFDIO_WRITEPROTECT {r:?}: {e}");
+                        // EAGAIN: an event is pending (the page may be gone
+                        // by then); the woken thread faults again.
+                        if e != Errno::AGAIN {
+                            warn!("UFFDIO_WRITEPROTECT {r:?}: {e}");
+                        }
+                        let _ = self.uffd.wake(r);
                     }
                 } else {
                     // Ranges are registered for MISSING faults only while

@@ -77,6 +77,15 @@ pub fn free(range: VaRange) -> Result<(), Errno> {
     madvise(range, libc::MADV_FREE)
 }
 
+/// `MADV_DONTFORK`: a forked child does not get `range` (nor share its
+/// pages copy-on-write with the parent).
+///
+/// # Errors
+/// The `Errno` of `madvise(2)`.
+pub fn dontfork(range: VaRange) -> Result<(), Errno> {
+    madvise(range, libc::MADV_DONTFORK)
+}
+
 /// `MADV_HUGEPAGE` (`true`) or `MADV_NOHUGEPAGE` (`false`) on `range`.
 ///
 /// # Errors
