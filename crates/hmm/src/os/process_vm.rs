@@ -107,7 +107,7 @@ fn mem_fd() -> Result<std::os::fd::BorrowedFd<'static>, Errno> {
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
-/// Like [`read`], through `/proc/self/mem`, which **never waits on a
+/// Like [`read()`], through `/proc/self/mem`, which **never waits on a
 /// userfaultfd**: a page whose fault would go to a userfaultfd handler
 /// ends the transfer (`EIO`/short count) instead. A device that holds its
 /// page-table lock while it copies must use this: waiting on a fault the
@@ -131,7 +131,7 @@ pub fn mem_read(addr: VirtAddr, buf: &mut [u8]) -> Result<usize, Errno> {
     Ok(done)
 }
 
-/// Like [`write`], through `/proc/self/mem` (see [`mem_read`]). The kernel
+/// Like [`write()`], through `/proc/self/mem` (see [`mem_read`]). The kernel
 /// writes as a debugger does (`FOLL_FORCE`), so a read-only private page
 /// would be written too: the caller checks the mapping's permission.
 ///
