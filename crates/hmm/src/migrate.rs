@@ -422,8 +422,28 @@ impl MigrateVma {
 
     fn collect(&mut self, vma: &Vma, range: VaRange, flags: MigrateSelect) -> Result<()> {
         let core = self.core.clone();
+        // From the VMA query to the entries recorded, under `layout`: the
+        // events about these addresses that were read are handled, and
+        // those not yet read (a mapping replaced from now on) are handled
+        // after the entries exist, so they find and kill them. The VMA is
+        // queried again here: the one setup saw may have been replaced.
+        let layout = core.layout_read();
+        let now = core
+            .maps
+            .query(range.start(), false)
+            .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+        let Some(vma) = now.filter(|v| {
+            v.start <= range.start()
+                && v.end >= range.end()
+                && v.is_private_anon()
+                && v.page_size == vma.page_size
+        }) else {
+            // Replaced by something that does not migrate: nothing selected.
+            return Ok(());
+        };
+        self.writable_vma = vma.flags.contains(VmaFlags::WRITE);
         // Device pages must fault to the service thread when touched.
-        core.register_missing(vma)?;
+        core.register_missing_locked(&vma)?;
         let npages = range.npages() as usize;
         let mut entries = vec![Entry(0); npages];
         core.pagemap
@@ -432,9 +452,6 @@ impl MigrateVma {
         let base = range.start().page_index();
         // The kernel brackets the collection with a MIGRATE invalidation.
         core.invalidate_range(range, Event::Migrate, self.owner);
-        // Entries are recorded by address: after the events about these
-        // addresses were handled (see the service loop).
-        let layout = core.layout_read();
         let mut st = core.dev.lock();
         let mut any_present = false;
         for (i, e) in entries.iter().enumerate() {
@@ -1520,6 +1537,11 @@ impl MmCore {
     /// Registers `vma` whole for MISSING faults (and write-protect mode).
     pub(crate) fn register_missing(&self, vma: &Vma) -> Result<()> {
         let _layout = self.layout_read();
+        self.register_missing_locked(vma)
+    }
+
+    /// [`Self::register_missing`] for a caller that holds `layout` shared.
+    pub(crate) fn register_missing_locked(&self, vma: &Vma) -> Result<()> {
         let piece = VaRange::new(vma.start, vma.end)?;
         match self
             .uffd

@@ -9,11 +9,14 @@
 mod common;
 
 use common::{Recorder, whole_space};
+use hmm::devmem::Storage;
 use hmm::notifier::Event;
 use hmm::os::mm::{Mapping, Prot, dontneed};
 use hmm::os::process::{ChildExit, fork_and_wait};
-use hmm::{HmmPfn, Mm, PAGE_SIZE};
+use hmm::testdev::{Device, Dmirror};
+use hmm::{HmmPfn, MirrorOptions, Mm, PAGE_SIZE};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn rw() -> Prot {
     Prot::READ | Prot::WRITE
@@ -26,6 +29,260 @@ fn fork_and_release_scenarios() {
     calls_after_release_return_released();
     fork_write_protects_private_ranges();
     an_unprivileged_user_is_told_how_to_enable_userfaultfd();
+    for storage in [Storage::Device, Storage::Host] {
+        let _watchdog = Watchdog::new("the device-page fork scenarios");
+        a_fork_leaves_device_pages_usable(storage);
+        device_private_pages_across_fork(storage);
+    }
+}
+
+/// Aborts the process when the scenario that made it is still running after
+/// 60 s: a CPU fault that is never served would otherwise hang the binary
+/// with no word of where. Prints every thread's kernel wait first.
+struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn new(what: &'static str) -> Watchdog {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let limit = Duration::from_secs(60);
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                let mut threads = String::new();
+                for t in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
+                    let Ok(t) = t else { continue };
+                    let read = |f: &str| std::fs::read_to_string(t.path().join(f));
+                    threads += &format!(
+                        "  {} {} wchan={}\n",
+                        t.file_name().to_string_lossy(),
+                        read("comm").unwrap_or_default().trim(),
+                        read("wchan").unwrap_or_default()
+                    );
+                }
+                // Past libtest's capture, which an abort would lose.
+                let msg =
+                    format!("{what}: still running after {limit:?}, aborting. Threads:\n{threads}");
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+                std::process::abort();
+            }
+        });
+        Watchdog {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A fork that has nothing to do with the device leaves its pages usable:
+/// the CPU reads them back afterwards.
+fn a_fork_leaves_device_pages_usable(storage: Storage) {
+    const TAG: u64 = 0xF3;
+    let mm = Mm::get().expect("mm");
+    let d = Dmirror::open_device(Device::new_private(0, storage), MirrorOptions::default())
+        .expect("open");
+    let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
+    m.no_hugepage();
+    for p in 0..4 {
+        for w in 0..WORDS {
+            m.write_u64(p * WORDS + w, pat(TAG, p, w));
+        }
+    }
+    d.migrate_to_dev(m.addr(), 4, None).expect("migrate");
+    assert_eq!(fork_and_wait(|| 0).expect("fork"), ChildExit::Code(0));
+    assert!(
+        mm.device_page_at(m.addr()).expect("at").is_some(),
+        "{storage:?}: the fork took the device page"
+    );
+    if let Some((p, w, v)) = first_wrong(&m, 0..4, |p, w| pat(TAG, p, w)) {
+        panic!("{storage:?}: after the fork, page {p} word {w} = {v:#018x}");
+    }
+}
+
+/// Words per page.
+const WORDS: usize = (PAGE_SIZE / 8) as usize;
+
+/// Word `w` of page `p` of the data tagged `tag` (never zero).
+fn pat(tag: u64, p: usize, w: usize) -> u64 {
+    tag << 48 | (p as u64) << 32 | 1 << 31 | w as u64
+}
+
+/// The first word of pages `pages` of `m` that is not `want(page, word)`.
+fn first_wrong(
+    m: &Mapping,
+    pages: std::ops::Range<usize>,
+    want: impl Fn(usize, usize) -> u64,
+) -> Option<(usize, usize, u64)> {
+    pages
+        .flat_map(|p| (0..WORDS).map(move |w| (p, w)))
+        .map(|(p, w)| (p, w, m.read_u64(p * WORDS + w)))
+        .find(|&(p, w, v)| v != want(p, w))
+}
+
+/// Spins until word 0 of the shared `flags` page is one of `want`, for at
+/// most 10 s. Returns what it was.
+fn wait_flag(flags: &Mapping, want: &[u64]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = flags.read_u64(0);
+        if want.contains(&v) || Instant::now() > deadline {
+            return v;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Writes to stderr past libtest's capture (a forked child's captured
+/// output is lost when it exits).
+fn say(msg: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+}
+
+/// The child's steps, in word 0 of a shared page.
+const CHILD_CHECKED: u64 = 1;
+const PARENT_WROTE: u64 = 2;
+const CHILD_WROTE: u64 = 3;
+const CHILD_FAILED: u64 = 99;
+
+/// `fork` with device-private pages (DESIGN §4): the child sees the data as
+/// it was at the fork, the parent keeps its device pages, and no later
+/// write on either side (the parent's by the CPU and by the device, the
+/// child's by the CPU) shows on the other.
+///
+/// The child only touches memory (no `Mm`, no threads); the parent's writes
+/// come from a helper thread while the child waits for them, synchronised
+/// through a shared page.
+fn device_private_pages_across_fork(storage: Storage) {
+    const TAG: u64 = 0xF0;
+    const PARENT: u64 = 0xF1;
+    const CHILD: u64 = 0xF2;
+    {
+        let mm = Mm::get().expect("mm");
+        let d = Dmirror::open_device(Device::new_private(0, storage), MirrorOptions::default())
+            .expect("open");
+        let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
+        m.no_hugepage();
+        for p in 0..4 {
+            for w in 0..WORDS {
+                m.write_u64(p * WORDS + w, pat(TAG, p, w));
+            }
+        }
+        let cmd = d.migrate_to_dev(m.addr(), 4, None).expect("migrate");
+        assert_eq!(cmd.cpages, 4, "{storage:?}");
+        let at = |p: usize| m.pages(p as u64, 1).start();
+        for p in 0..4 {
+            assert!(
+                mm.device_page_at(at(p)).expect("at").is_some(),
+                "{storage:?}: page {p} did not migrate"
+            );
+        }
+        let flags = Mapping::shared_anonymous(PAGE_SIZE, rw()).expect("shared mmap");
+
+        let (status, parent) = std::thread::scope(|s| {
+            // The parent's writes, once the child has checked the fork-time data.
+            let helper = s.spawn(|| {
+                if wait_flag(&flags, &[CHILD_CHECKED, CHILD_FAILED]) != CHILD_CHECKED {
+                    return Err("the child never checked the data".to_owned());
+                }
+                // Page 0 by the CPU, page 1 by the device.
+                for w in 0..WORDS {
+                    m.write_u64(w, pat(PARENT, 0, w));
+                }
+                let mut data = Vec::with_capacity(PAGE_SIZE as usize);
+                for w in 0..WORDS {
+                    data.extend_from_slice(&pat(PARENT, 1, w).to_ne_bytes());
+                }
+                let r = d
+                    .write(at(1), 1, &data)
+                    .map_err(|e| format!("device write: {e:?}"));
+                flags.write_u64(0, PARENT_WROTE);
+                r.map(|_| ())
+            });
+            let status = fork_and_wait(|| {
+                let fork_time = |p: usize, w: usize| pat(TAG, p, w);
+                if let Some((p, w, v)) = first_wrong(&m, 0..4, fork_time) {
+                    flags.write_u64(0, CHILD_FAILED);
+                    say(&format!(
+                        "child: page {p} word {w} = {v:#018x} at the fork\n"
+                    ));
+                    return 10 + p as i32;
+                }
+                flags.write_u64(0, CHILD_CHECKED);
+                if wait_flag(&flags, &[PARENT_WROTE]) != PARENT_WROTE {
+                    return 20;
+                }
+                if let Some((p, w, v)) = first_wrong(&m, 0..4, fork_time) {
+                    say(&format!(
+                        "child: page {p} word {w} = {v:#018x} after the parent wrote\n"
+                    ));
+                    return 30 + p as i32;
+                }
+                // The child's own writes, to pages the parent does not touch.
+                for p in 2..4 {
+                    for w in 0..WORDS {
+                        m.write_u64(p * WORDS + w, pat(CHILD, p, w));
+                    }
+                }
+                if let Some((p, w, v)) = first_wrong(&m, 2..4, |p, w| pat(CHILD, p, w)) {
+                    say(&format!(
+                        "child: page {p} word {w} = {v:#018x} after its own write\n"
+                    ));
+                    return 40 + p as i32;
+                }
+                flags.write_u64(0, CHILD_WROTE);
+                0
+            })
+            .expect("fork");
+            if status != ChildExit::Code(0) {
+                // Let the helper stop waiting.
+                flags.write_u64(0, CHILD_FAILED);
+            }
+            let parent = helper
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (status, parent)
+        });
+        assert_eq!(
+            status,
+            ChildExit::Code(0),
+            "{storage:?}: the child (10+p: wrong data at the fork, 20: no parent write, \
+             30+p: the parent's write showed, 40+p: its own write did not stick)"
+        );
+        parent.unwrap_or_else(|e| panic!("{storage:?}: parent: {e}"));
+        assert_eq!(flags.read_u64(0), CHILD_WROTE, "{storage:?}");
+        // The parent kept the device pages it did not touch.
+        for p in 2..4 {
+            assert!(
+                mm.device_page_at(at(p)).expect("at").is_some(),
+                "{storage:?}: page {p} is no longer device memory after the fork"
+            );
+        }
+        // The parent's data: its own writes, and the fork-time data where
+        // only the child wrote.
+        let want = |p: usize, w: usize| {
+            if p < 2 {
+                pat(PARENT, p, w)
+            } else {
+                pat(TAG, p, w)
+            }
+        };
+        if let Some((p, w, v)) = first_wrong(&m, 0..4, want) {
+            panic!(
+                "{storage:?}: parent page {p} word {w} = {v:#018x}, want {:#018x}",
+                want(p, w)
+            );
+        }
+    }
 }
 
 /// Without root, userfaultfd depends on `vm.unprivileged_userfaultfd`: when
