@@ -1372,27 +1372,34 @@ impl MmCore {
     /// ([`DevState::ack_self_removal`]); bounded, in case the event went
     /// to another reader.
     pub(crate) fn wait_self_removal(&self, run: VaRange) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let (lo, hi) = (run.start().page_index(), run.end().page_index());
+        let done = self.wait_for_events(|st| {
+            !st.slots
+                .range(lo..hi)
+                .any(|(_, s)| matches!(s, Slot::Migrating { removing: true, .. }))
+        });
+        if !done {
+            warn!("the REMOVE event of a migration's zap of {run:?} never came");
+        }
+    }
+
+    /// Waits until `done` holds of the device table, looking again after
+    /// each batch of events the service thread handles; gives up after 5 s
+    /// (`false`).
+    fn wait_for_events(&self, done: impl Fn(&DevState) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut acks = self
             .removal_acks
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         loop {
-            let pending = self
-                .dev
-                .lock()
-                .slots
-                .range(lo..hi)
-                .any(|(_, s)| matches!(s, Slot::Migrating { removing: true, .. }));
-            if !pending {
-                return;
+            if done(&self.dev.lock()) {
+                return true;
             }
             let now = std::time::Instant::now();
             if now >= deadline {
-                warn!("the REMOVE event of a migration's zap of {run:?} never came");
-                return;
+                return false;
             }
             acks = self
                 .removal_acks
@@ -1492,32 +1499,13 @@ impl MmCore {
 
     /// Waits (bounded) until no device page has a shadow copy.
     fn wait_shadows_gone(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut acks = self
-            .removal_acks
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        loop {
-            let any = self
-                .dev
-                .lock()
-                .slots
+        let done = self.wait_for_events(|st| {
+            !st.slots
                 .values()
-                .any(|s| matches!(s, Slot::Device { shadow: true, .. }));
-            let now = std::time::Instant::now();
-            if !any || now >= deadline {
-                if any {
-                    warn!("fork: the shadow copies' REMOVE events never came");
-                }
-                return;
-            }
-            acks = self
-                .removal_acks
-                .1
-                .wait_timeout(acks, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .any(|s| matches!(s, Slot::Device { shadow: true, .. }))
+        });
+        if !done {
+            warn!("fork: the shadow copies' REMOVE events never came");
         }
     }
 

@@ -748,25 +748,7 @@ impl MmCore {
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
     pub(crate) fn host_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
-        // Mapped and registered as one step against VMA registrations: one
-        // that registers a fresh neighbour it split off
-        // ([`Self::register_split_remainder`]) must not take this region
-        // for the main userfaultfd in between.
-        let _layout = self.layout.write();
-        let map = crate::os::mm::Mapping::anonymous_aligned(
-            bytes,
-            1 << crate::addr::PMD_SHIFT,
-            Prot::READ | Prot::WRITE,
-        )
-        .map_err(|e| Error::os("mmap", e))?;
-        // A child never needs device storage (it gets the data as of the
-        // fork in its own pages), and pages shared copy-on-write with one
-        // could not be moved out any more.
-        crate::os::mm::dontfork(map.range()).map_err(|e| Error::os("madvise(MADV_DONTFORK)", e))?;
-        self.mover()?
-            .register(map.range(), RegisterMode::WP)
-            .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
-        Ok(map)
+        self.library_region(bytes, self.mover()?)
     }
 
     /// A migration's staging region: like [`Self::host_region`] but
@@ -776,6 +758,14 @@ impl MmCore {
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
     pub(crate) fn staging_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
+        self.library_region(bytes, &self.uffd)
+    }
+
+    fn library_region(&self, bytes: u64, uffd: &Uffd) -> Result<crate::os::mm::Mapping> {
+        // Mapped and registered as one step against VMA registrations: one
+        // that registers a fresh neighbour it split off
+        // ([`Self::register_split_remainder`]) must not take this region
+        // in between.
         let _layout = self.layout.write();
         let map = crate::os::mm::Mapping::anonymous_aligned(
             bytes,
@@ -783,9 +773,11 @@ impl MmCore {
             Prot::READ | Prot::WRITE,
         )
         .map_err(|e| Error::os("mmap", e))?;
+        // A child never needs these (it gets device data as of the fork in
+        // its own pages), and pages shared copy-on-write with one could not
+        // be moved out any more.
         crate::os::mm::dontfork(map.range()).map_err(|e| Error::os("madvise(MADV_DONTFORK)", e))?;
-        self.uffd
-            .register(map.range(), RegisterMode::WP)
+        uffd.register(map.range(), RegisterMode::WP)
             .map_err(|e| Error::os("UFFDIO_REGISTER", e))?;
         Ok(map)
     }
