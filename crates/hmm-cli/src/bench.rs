@@ -313,6 +313,41 @@ impl Report {
     }
 }
 
+/// What both benchmarks start with (see [`pinned_mm`]).
+pub(crate) struct Pinned {
+    /// The process's `Mm`, its service thread pinned.
+    pub mm: hmm::Mm,
+    /// The thread placement, in words, for the report.
+    pub placement: String,
+    /// The THP mode line of `/sys/kernel/mm/transparent_hugepage/enabled`.
+    pub thp: String,
+}
+
+/// Pins the calling thread to `cpu` and creates the `Mm` with its service
+/// thread pinned there too (before anything else asks for the `Mm`: its
+/// service thread is pinned at birth). `monitors` names the raw baselines'
+/// threads, which their benchmark pins to the same CPU.
+pub(crate) fn pinned_mm(cpu: usize, monitors: &str) -> BoxResult<Pinned> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = hmm::os::mm::pin_current_thread(cpu);
+    let mm = hmm::Mm::get_with(hmm::MmOptions {
+        service_cpu: Some(cpu),
+    })
+    .ctx("creating the Mm")?;
+    let placement = match &pinned {
+        Ok(()) => format!(
+            "same CPU: measuring thread, hmm service thread and {monitors} pinned to \
+             cpu{cpu} ({online} online)"
+        ),
+        Err(e) => format!("unpinned: pinning to cpu{cpu} failed ({e}); scheduler's choice"),
+    };
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Ok(Pinned { mm, placement, thp })
+}
+
 /// CPU time in `USER_HZ` ticks (100 per second on Linux): every CPU's busy
 /// time from `/proc/stat`, and this process's from `/proc/self/stat`. The
 /// difference over a run is what other processes used: the noise indicator

@@ -83,26 +83,22 @@ impl Mm {
                 );
             }
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mover = core.mover()?;
         let mut moved = 0;
-        let res = loop {
-            let (m, res) = core.mover()?.move_partial(
-                VirtAddr(holder.addr().get() + moved),
-                VirtAddr(range.start().get() + moved),
-                range.len() - moved,
-                true,
-                false,
-            );
-            moved += m;
-            match res {
-                // An event is pending: the kernel fills nothing until the
-                // service thread reads it.
-                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
-                    std::thread::yield_now();
-                }
-                other => break other,
-            }
-        };
+        let res = crate::migrate::retry_while_event_pending(
+            || {
+                let (m, res) = mover.move_partial(
+                    VirtAddr(holder.addr().get() + moved),
+                    VirtAddr(range.start().get() + moved),
+                    range.len() - moved,
+                    true,
+                    false,
+                );
+                moved += m;
+                res
+            },
+            |e| *e == Errno::AGAIN,
+        );
         if let Err(e) = res {
             // Give back what moved; the rest never left.
             let done = moved >> PAGE_SHIFT;

@@ -88,6 +88,25 @@ bitflags! {
     }
 }
 
+/// Runs `op` again while `again` says it failed because an address-space
+/// event is pending (`EAGAIN`: the kernel fills no page until the service
+/// thread reads it), for up to 5 s, yielding in between. For threads other
+/// than the service thread, which is the one that reads the event.
+pub(crate) fn retry_while_event_pending<T, E>(
+    mut op: impl FnMut() -> std::result::Result<T, E>,
+    again: impl Fn(&E) -> bool,
+) -> std::result::Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match op() {
+            Err(e) if again(&e) && std::time::Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One page of the address space held by device memory or by a migration.
 #[derive(Debug)]
 pub(crate) enum Slot {
@@ -172,6 +191,32 @@ impl DevState {
             }
         }
         all
+    }
+
+    /// The device pages of virtual pages `[lo, hi)` for which `which`
+    /// holds, as runs of consecutive pages: `(first page, pages)`.
+    fn device_runs(
+        &self,
+        lo: u64,
+        hi: u64,
+        which: impl Fn(&DevicePage) -> bool,
+    ) -> Vec<(u64, Vec<DevicePage>)> {
+        let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
+        for (&vpn, s) in self.slots.range(lo..hi) {
+            let Slot::Device { page, .. } = s else {
+                continue;
+            };
+            if !which(page) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, pages)) if *first + pages.len() as u64 == vpn => {
+                    pages.push(page.clone());
+                }
+                _ => runs.push((vpn, vec![page.clone()])),
+            }
+        }
+        runs
     }
 
     /// Sets the slot of virtual page `vpn`.
@@ -1001,25 +1046,24 @@ impl MigrateVma {
     fn restore(&self, i: usize, at: VirtAddr) -> Result<()> {
         let staged = self.staged_addr(i)?;
         let core = &self.core;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let res = if self.writable_vma {
-                match core.uffd.move_pages(at, staged, PAGE_SIZE, true, false) {
-                    Err(Errno::AGAIN) => Err(Errno::AGAIN),
-                    Err(Errno::EXIST) | Ok(_) => Ok(()),
-                    // Not movable (made read-only since): copy.
-                    Err(_) => self.restore_copy(staged, at),
+        let res = retry_while_event_pending(
+            || {
+                if self.writable_vma {
+                    match core.uffd.move_pages(at, staged, PAGE_SIZE, true, false) {
+                        Err(Errno::AGAIN) => Err(Errno::AGAIN),
+                        Err(Errno::EXIST) | Ok(_) => Ok(()),
+                        // Not movable (made read-only since): copy.
+                        Err(_) => self.restore_copy(staged, at),
+                    }
+                } else {
+                    self.restore_copy(staged, at)
                 }
-            } else {
-                self.restore_copy(staged, at)
-            };
-            match res {
-                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
-                    std::thread::yield_now();
-                }
-                Ok(()) | Err(Errno::EXIST) => return Ok(()),
-                Err(e) => return Err(Error::os("UFFDIO_MOVE/COPY", e)),
-            }
+            },
+            |e| *e == Errno::AGAIN,
+        );
+        match res {
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(Error::os("UFFDIO_MOVE/COPY", e)),
         }
     }
 
@@ -1112,25 +1156,7 @@ impl MmCore {
         which: impl Fn(&DevicePage) -> bool,
     ) -> Result<u64> {
         let (lo, hi) = (range.start().page_index(), range.end().page_index());
-        let runs: Vec<(u64, Vec<DevicePage>)> = {
-            let st = self.dev.lock();
-            let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
-            for (&vpn, s) in st.slots.range(lo..hi) {
-                let Slot::Device { page, .. } = s else {
-                    continue;
-                };
-                if !which(page) {
-                    continue;
-                }
-                match runs.last_mut() {
-                    Some((first, pages)) if *first + pages.len() as u64 == vpn => {
-                        pages.push(page.clone());
-                    }
-                    _ => runs.push((vpn, vec![page.clone()])),
-                }
-            }
-            runs
-        };
+        let runs = self.dev.lock().device_runs(lo, hi, which);
         let mut moved = 0;
         for (first, pages) in runs {
             let at = VirtAddr(first << PAGE_SHIFT);
@@ -1169,16 +1195,18 @@ impl MmCore {
         at: VirtAddr,
         pages: &[DevicePage],
     ) -> Result<()> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match self.install_from_device(at, pages, true) {
-                Err(Error::Os {
-                    source: Errno::AGAIN,
-                    ..
-                }) if std::time::Instant::now() < deadline => std::thread::yield_now(),
-                other => return other,
-            }
-        }
+        retry_while_event_pending(
+            || self.install_from_device(at, pages, true),
+            |e| {
+                matches!(
+                    e,
+                    Error::Os {
+                        source: Errno::AGAIN,
+                        ..
+                    }
+                )
+            },
+        )
     }
 
     /// Writes the data of `pages` (device pages of consecutive virtual
@@ -1417,20 +1445,12 @@ impl MmCore {
         self.revoke_all_exclusive();
         let runs = {
             let mut st = self.dev.lock();
-            let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
-            for (&vpn, s) in st.slots.iter_mut() {
-                let Slot::Device { page, shadow, .. } = s else {
-                    continue;
-                };
-                *shadow = true;
-                match runs.last_mut() {
-                    Some((first, pages)) if *first + pages.len() as u64 == vpn => {
-                        pages.push(page.clone());
-                    }
-                    _ => runs.push((vpn, vec![page.clone()])),
+            for s in st.slots.values_mut() {
+                if let Slot::Device { shadow, .. } = s {
+                    *shadow = true;
                 }
             }
-            runs
+            st.device_runs(0, u64::MAX, |_| true)
         };
         for (first, pages) in runs {
             let at = VirtAddr(first << PAGE_SHIFT);
@@ -1447,18 +1467,11 @@ impl MmCore {
             }
             // The forking thread holds no lock the service thread needs, so
             // a pending event (EAGAIN) gets read: retry.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            loop {
-                match self.uffd.copy_mode(at, &buf, true, true) {
-                    Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
-                        std::thread::yield_now();
-                    }
-                    Ok(()) => break,
-                    Err(e) => {
-                        warn!("fork: shadow copy of the device pages at {at}: {e}");
-                        break;
-                    }
-                }
+            if let Err(e) = retry_while_event_pending(
+                || self.uffd.copy_mode(at, &buf, true, true),
+                |e| *e == Errno::AGAIN,
+            ) {
+                warn!("fork: shadow copy of the device pages at {at}: {e}");
             }
         }
     }

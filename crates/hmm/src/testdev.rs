@@ -269,6 +269,23 @@ enum Target<'a> {
     Host(VirtAddr),
 }
 
+/// Where the migration step from `a` ends, as dmirror's loop: at most
+/// [`MIGRATE_CHUNK_PAGES`], within `range` and within the VMA at `a`.
+///
+/// # Errors
+/// [`Error::Inval`] (`-EINVAL`) when no readable VMA covers `a`.
+fn migrate_step_end(mm: &Mm, a: VirtAddr, range: VaRange) -> Result<VirtAddr> {
+    let vma = match mm.vma_at(a)? {
+        Some(v) if v.start <= a && v.flags.contains(crate::os::procmap::VmaFlags::READ) => v,
+        _ => return Err(Error::Inval("no readable VMA in the migrate range")),
+    };
+    Ok(VirtAddr(
+        (a.get() + (MIGRATE_CHUNK_PAGES << PAGE_SHIFT))
+            .min(range.end().get())
+            .min(vma.end.get()),
+    ))
+}
+
 /// Validates a command's `addr` and `npages` as the ioctl does.
 fn cmd_range(addr: VirtAddr, npages: u64) -> Result<VaRange> {
     if !addr.is_page_aligned() {
@@ -565,20 +582,7 @@ impl Dmirror {
         self.device.with_pagemap(&mm, |pgmap| {
             let mut a = range.start();
             while a < range.end() {
-                let vma = mm.vma_at(a)?;
-                let vma = match vma {
-                    Some(v)
-                        if v.start <= a && v.flags.contains(crate::os::procmap::VmaFlags::READ) =>
-                    {
-                        v
-                    }
-                    _ => return Err(Error::Inval("no readable VMA in the migrate range")),
-                };
-                let next = VirtAddr(
-                    (a.get() + (MIGRATE_CHUNK_PAGES << PAGE_SHIFT))
-                        .min(range.end().get())
-                        .min(vma.end.get()),
-                );
+                let next = migrate_step_end(&mm, a, range)?;
                 let mut m = MigrateVma::setup(&mm, a, next, MigrateSelect::SYSTEM, Some(owner))?;
                 for i in 0..m.npages() as usize {
                     if m.src()[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -662,17 +666,7 @@ impl Dmirror {
         let mut cpages = 0;
         let mut a = range.start();
         while a < range.end() {
-            let vma = match mm.vma_at(a)? {
-                Some(v) if v.start <= a && v.flags.contains(crate::os::procmap::VmaFlags::READ) => {
-                    v
-                }
-                _ => return Err(Error::Inval("no readable VMA in the migrate range")),
-            };
-            let next = VirtAddr(
-                (a.get() + (MIGRATE_CHUNK_PAGES << PAGE_SHIFT))
-                    .min(range.end().get())
-                    .min(vma.end.get()),
-            );
+            let next = migrate_step_end(&mm, a, range)?;
             let mut m =
                 MigrateVma::setup(&mm, a, next, MigrateSelect::DEVICE_PRIVATE, Some(owner))?;
             for i in 0..m.npages() as usize {

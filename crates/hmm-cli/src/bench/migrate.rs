@@ -41,9 +41,9 @@ use hmm::os::mm::{self as osmm, Mapping, Prot};
 use hmm::os::pagemap::{Category, Pagemap, ScanFilter};
 use hmm::os::uffd::{Features, Message, RegisterMode, Uffd};
 use hmm::testdev::{Device, Dmirror};
-use hmm::{MirrorOptions, Mm, MmOptions, PAGE_SIZE, VaRange, VirtAddr};
+use hmm::{MirrorOptions, Mm, PAGE_SIZE, VaRange, VirtAddr};
 
-use super::{BoxResult, CpuTicks, Ctx, Progress, Report, Row, Target, order2};
+use super::{BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, order2, pinned_mm};
 
 /// The CPU every thread of the benchmark runs on.
 const CPU: usize = 0;
@@ -743,24 +743,11 @@ pub(super) fn run(reps: usize, progress: bool) -> BoxResult<Report> {
     let log = Progress(progress);
     let wall = Instant::now();
     let ticks = CpuTicks::now();
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pinned = osmm::pin_current_thread(CPU);
-    // Before anything else asks for the Mm: its service thread is pinned at birth.
-    let mm = Mm::get_with(MmOptions {
-        service_cpu: Some(CPU),
-    })
-    .ctx("creating the Mm")?;
-    let placement = match &pinned {
-        Ok(()) => format!(
-            "same CPU: measuring thread, hmm service thread and bare uffd monitors pinned to \
-             cpu{CPU} ({online} online)"
-        ),
-        Err(e) => format!("unpinned: pinning to cpu{CPU} failed ({e}); scheduler's choice"),
-    };
-    let thp_mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let Pinned {
+        mm,
+        placement,
+        thp: thp_mode,
+    } = pinned_mm(CPU, "bare uffd monitors")?;
     let devs = [
         Dmirror::open_device(
             Device::new_private(0, Storage::Device),
