@@ -1785,3 +1785,42 @@ mod race {
         }
     }
 }
+
+/// A CPU fault brings back as many pages as the device's fault batch says:
+/// one by default (as dmirror), the rest of the aligned block when larger.
+#[test]
+fn a_cpu_fault_brings_back_the_devices_batch() {
+    let _watchdog = watchdog("a_cpu_fault_brings_back_the_devices_batch", LIMIT);
+    const TAG: u64 = 0xB7;
+    for storage in FLAVOURS {
+        let what = format!("{storage:?}");
+        let what = what.as_str();
+        let d = open(storage);
+        let mm = Mm::get().expect("mm");
+        // 16 pages at the start of a 2 MiB block: a batch of 512 from page 0
+        // covers them all, and stops where the device pages end.
+        let m = Mapping::anonymous_aligned(16 * PAGE_SIZE, 2 << 20, rw()).expect("mmap");
+        fill(&m, TAG);
+        migrate_all(&mm, &d, &m, what);
+        // Default: the touched page only.
+        check_cpu_page(&m, 0, |w| pat(TAG, 0, w), what);
+        expect_system(&mm, &m, 0, what);
+        expect_on(&mm, &d, &m, 1, what);
+        // A batch of 8 from page 1: pages 1..8 (the end of its 8-page block).
+        d.device().set_fault_batch(8);
+        check_cpu_page(&m, 1, |w| pat(TAG, 1, w), what);
+        for p in 1..8 {
+            expect_system(&mm, &m, p, what);
+        }
+        expect_on(&mm, &d, &m, 8, what);
+        // 512 from page 8: everything left.
+        d.device().set_fault_batch(512);
+        check_cpu_page(&m, 8, |w| pat(TAG, 8, w), what);
+        for p in 8..16 {
+            expect_system(&mm, &m, p, what);
+        }
+        for p in 0..16 {
+            check_cpu_page(&m, p, |w| pat(TAG, p, w), what);
+        }
+    }
+}
