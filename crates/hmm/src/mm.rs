@@ -961,11 +961,18 @@ impl MmCore {
                     return;
                 }
             }
+            // Only these events change what the waits on removal_acks look at.
+            let removals = msgs
+                .iter()
+                .any(|m| matches!(m, Message::Remove { .. } | Message::Unmap { .. }));
             for m in msgs.drain(..) {
                 self.handle(m);
             }
             drop(layout);
-            // Migrations waiting for their zap's event look again.
+            if !removals {
+                continue;
+            }
+            // Migrations and forks waiting for their zap's event look again.
             *self
                 .removal_acks
                 .0
