@@ -541,9 +541,15 @@ impl MmCore {
             counters: Counters::default(),
         });
         let thread_core = core.clone();
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel::<()>(1);
         let join = std::thread::Builder::new()
             .name("hmm-mm-service".into())
+            .stack_size(SERVICE_STACK)
             .spawn(move || {
+                // Populated before anything is registered: a fault on its
+                // own stack is one the service thread could never serve.
+                crate::sync::probe_stack(SERVICE_STACK_PROBED / crate::sync::STACK_RESERVE);
+                let _ = ready_tx.send(());
                 if let Some(cpu) = options.service_cpu
                     && let Err(e) = crate::os::mm::pin_current_thread(cpu)
                 {
@@ -552,6 +558,7 @@ impl MmCore {
                 thread_core.service_loop();
             })
             .map_err(|_| Error::NoMem)?;
+        let _ = ready.recv();
         let tid = join.thread().id();
         *core.service.lock().unwrap_or_else(|e| e.into_inner()) = Some((join, tid));
         Ok(core)
@@ -611,7 +618,7 @@ impl MmCore {
     /// replaced by a larger one before the registration, which would then
     /// cover part of the new VMA and split it.
     pub(crate) fn query_registered(&self, at: VirtAddr) -> Result<Option<crate::os::procmap::Vma>> {
-        let _layout = self.layout.read();
+        let _layout = self.layout_read();
         let vma = self
             .maps
             .query(at, true)
@@ -720,8 +727,10 @@ impl MmCore {
             .is_some_and(|(_, tid)| *tid == me)
     }
 
-    /// The layout lock, shared (see [`Self::query_registered`]).
+    /// The layout lock, shared (see [`Self::query_registered`]), taken with
+    /// the stack below populated ([`crate::sync::reserve_stack`]).
     pub(crate) fn layout_read(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        crate::sync::reserve_stack();
         self.layout.read()
     }
 
@@ -766,6 +775,7 @@ impl MmCore {
         // that registers a fresh neighbour it split off
         // ([`Self::register_split_remainder`]) must not take this region
         // in between.
+        crate::sync::reserve_stack();
         let _layout = self.layout.write();
         let map = crate::os::mm::Mapping::anonymous_aligned(
             bytes,
@@ -1031,6 +1041,14 @@ impl MmCore {
         }
     }
 }
+
+/// The service thread's stack: it runs every notifier callback.
+const SERVICE_STACK: usize = 1 << 20;
+
+/// How much of [`SERVICE_STACK`] is populated when the thread starts (a
+/// multiple of [`crate::sync::STACK_RESERVE`], leaving room for the frames
+/// above the probe).
+const SERVICE_STACK_PROBED: usize = 12 * crate::sync::STACK_RESERVE;
 
 /// The PFN used for the zero page when the real one cannot be read: the
 /// highest PFN the `hmm_pfn` format holds, which no RAM page has.

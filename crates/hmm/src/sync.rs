@@ -38,8 +38,11 @@ impl<T> Mutex<T> {
         Self(imp::Mutex::new(value))
     }
 
-    /// Locks, waiting as long as needed.
+    /// Locks, waiting as long as needed; first makes sure the stack below
+    /// is populated (see [`reserve_stack`]).
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        #[cfg(not(loom))]
+        reserve_stack();
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -71,5 +74,104 @@ impl Condvar {
     /// Wakes every waiter.
     pub(crate) fn notify_all(&self) {
         self.0.notify_all();
+    }
+}
+
+/// How much stack below the caller [`reserve_stack`] makes sure is populated:
+/// more than any path of this crate uses while it holds a lock.
+#[cfg(not(loom))]
+pub(crate) const STACK_RESERVE: usize = 64 * 1024;
+
+#[cfg(not(loom))]
+thread_local! {
+    /// The lowest stack address this thread has populated through
+    /// [`reserve_stack`] (`usize::MAX`: none yet).
+    static STACK_LOW: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Makes sure the [`STACK_RESERVE`] bytes of stack below the caller are
+/// populated before it takes a lock the service thread may also need.
+///
+/// The service thread registers whole VMAs for MISSING faults, and a thread's
+/// stack can be part of one: glibc maps thread stacks with `MAP_STACK`, which
+/// Linux 6.7 and later turns into `VM_NOHUGEPAGE`, so a program's
+/// `MADV_NOHUGEPAGE` mapping placed beside a stack merges with it. A thread
+/// that first touches a stack page there while holding a lock would wait on
+/// the service thread, which may be waiting for that very lock. Touching the
+/// pages beforehand, with no lock held, lets the service thread resolve the
+/// fault. Each thread remembers how deep it has probed, so the common case
+/// is one thread-local read.
+#[cfg(not(loom))]
+#[inline]
+pub(crate) fn reserve_stack() {
+    let marker = 0u8;
+    let sp = std::hint::black_box(&marker) as *const u8 as usize;
+    let want = sp.saturating_sub(STACK_RESERVE);
+    if STACK_LOW.get() <= want {
+        return;
+    }
+    // Twice as deep as asked, so that calls from a little lower down (or
+    // from another inlining of this function) find the reserve done.
+    probe_stack(2);
+    STACK_LOW.set(sp.saturating_sub(2 * STACK_RESERVE));
+}
+
+/// Touches `frames` × [`STACK_RESERVE`] bytes of stack below the caller: the
+/// compiler probes every page of a frame larger than a page as it allocates
+/// it (`-Z probe-stack`, on by default on x86_64), so an uninitialized local
+/// buffer is enough and costs no writes of its own.
+#[cfg(not(loom))]
+#[inline(never)]
+pub(crate) fn probe_stack(frames: usize) {
+    let buf = std::mem::MaybeUninit::<[u8; STACK_RESERVE]>::uninit();
+    std::hint::black_box(&buf);
+    if frames > 1 {
+        probe_stack(frames - 1);
+    }
+    std::hint::black_box(&buf);
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{STACK_RESERVE, reserve_stack};
+    use crate::addr::{PAGE_SIZE, VaRange, VirtAddr};
+    use crate::os::pagemap::{Entry, Pagemap};
+
+    /// The pages of stack in `[lo, hi)` that are present.
+    fn present(pagemap: &Pagemap, range: VaRange) -> usize {
+        let mut e = vec![Entry(0); range.npages() as usize];
+        pagemap.read_entries(range, &mut e).expect("pagemap");
+        e.iter().filter(|e| e.present()).count()
+    }
+
+    #[test]
+    fn reserve_populates_the_stack_below_once() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || {
+                let marker = 0u8;
+                let sp = std::hint::black_box(&marker) as *const u8 as u64;
+                // Whole pages of the reserve, leaving room above them for
+                // the frames of the calls this test makes.
+                let hi = VirtAddr(sp).page_down().0 - 8 * PAGE_SIZE;
+                let lo = VirtAddr(sp - STACK_RESERVE as u64).page_down().0 + PAGE_SIZE;
+                let below = VaRange::new(VirtAddr(lo), VirtAddr(hi)).expect("range");
+                crate::os::mm::dontneed(below).expect("MADV_DONTNEED");
+                assert_eq!(present(&pagemap, below), 0, "discarded");
+                reserve_stack();
+                assert_eq!(
+                    present(&pagemap, below) as u64,
+                    below.npages(),
+                    "every page of the reserve is populated"
+                );
+                // The second call finds the reserve done and touches nothing.
+                crate::os::mm::dontneed(below).expect("MADV_DONTNEED");
+                reserve_stack();
+                assert_eq!(present(&pagemap, below), 0, "no second probe");
+            })
+            .expect("spawn")
+            .join()
+            .expect("the thread");
     }
 }
