@@ -105,7 +105,7 @@ pub mod testdev;
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, VaRange, VirtAddr};
 pub use error::{Error, Result};
 #[cfg(not(loom))]
-pub use mirror::{Mirror, MirrorOptions};
+pub use mirror::{Mirror, MirrorOptions, Strategy};
 #[cfg(not(loom))]
 pub use mm::{Mm, MmOptions, MmStats};
 pub use notifier::{Event, IntervalNotifier, IntervalNotifierOps, NotifierRange, OwnerId};

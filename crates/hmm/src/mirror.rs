@@ -18,6 +18,34 @@
 //! clears every entry overlapping the invalidated range. So at any time a page
 //! is either mapped to the same memory in both tables or absent from the
 //! device's (the guarantee of the old `hmm.h` header comment).
+//!
+//! # Two strategies
+//!
+//! That loop is [`Strategy::Sequence`], the kernel's and the default. Any
+//! invalidation of the mirror between `read_begin` and `read_retry` throws
+//! the chunk's walk away, so a steady stream of them can keep a device fault
+//! retrying until its deadline. [`Strategy::RangeLock`] is the alternative of
+//! seed 003 (see [`crate::rangelock`]): a device fault takes a snapshot guard
+//! over its chunk, walks (faulting as asked) and installs, all in one pass;
+//! an invalidation takes an invalidation guard over its range, so the two are
+//! serialized in arrival order and invalidations of other ranges never
+//! disturb a fault. A device fault under it never restarts because of an
+//! invalidation.
+//!
+//! Under the range lock the invalidation side never *waits* for a snapshot.
+//! It runs on the `Mm`'s service thread (or inside a library operation), and
+//! stalling there would stop the service thread serving faults, perhaps the
+//! very one the snapshot's walk waits on; in userspace it would not even hold
+//! up the CPU's change, which the kernel makes as soon as the event is read.
+//! So the callback calls [`RangeLock::try_invalidate`], the seed's proposed
+//! `mmu_notifier_try_to_invalidate`. Granted, it clears the overlapping
+//! entries under its guard. Refused (an overlapping snapshot holds or waits
+//! for the range), it clears the entries present now and leaves its range
+//! with the snapshots in flight, under the table lock: each of them, when it
+//! installs, leaves out the pages of every invalidation that arrived after it
+//! was granted. The device table ends exactly as it would had the
+//! invalidation waited for the snapshot to install and then cleared it
+//! (the seed's order), without anyone waiting.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -30,14 +58,68 @@ use crate::notifier::{
 };
 use crate::pfn::HmmPfn;
 use crate::range::HmmRange;
+use crate::rangelock::RangeLock;
 use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// `HMM_RANGE_DEFAULT_TIMEOUT`: how long drivers retry a busy range.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(1000);
 
+/// How a [`Mirror`] keeps device faults and invalidations apart (see the
+/// [module docs](self)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The kernel's sequence protocol: walk optimistically, check
+    /// `read_retry` under the table lock, retry until the deadline.
+    #[default]
+    Sequence,
+    /// Seed 003's range lock: faults and invalidations of overlapping ranges
+    /// are serialized in arrival order; a fault never retries.
+    RangeLock,
+}
+
+impl Strategy {
+    /// Both, the default first.
+    pub const ALL: [Strategy; 2] = [Strategy::Sequence, Strategy::RangeLock];
+
+    /// The name used on command lines and in reports: `sequence` or
+    /// `range-lock`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::Sequence => "sequence",
+            Strategy::RangeLock => "range-lock",
+        }
+    }
+
+    /// The strategy called `name` ([`Self::name`]; `seq` and `rangelock`
+    /// are accepted too).
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        match name {
+            "sequence" | "seq" => Some(Strategy::Sequence),
+            "range-lock" | "rangelock" | "range_lock" => Some(Strategy::RangeLock),
+            _ => None,
+        }
+    }
+
+    /// `HMM_MIRROR_STRATEGY` ([`Self::from_name`]), or the default.
+    pub fn from_env() -> Strategy {
+        std::env::var("HMM_MIRROR_STRATEGY")
+            .ok()
+            .and_then(|s| Self::from_name(&s))
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a [`Mirror`] faults.
 #[derive(Clone, Copy, Debug)]
 pub struct MirrorOptions {
+    /// How faults and invalidations are kept apart.
+    pub strategy: Strategy,
     /// Give up with [`Error::Busy`] when a chunk keeps being invalidated this long.
     pub deadline: Duration,
     /// Pages per range fault (dmirror uses 32; larger chunks amortise the walk).
@@ -52,6 +134,7 @@ pub struct MirrorOptions {
 impl Default for MirrorOptions {
     fn default() -> Self {
         Self {
+            strategy: Strategy::Sequence,
             deadline: DEFAULT_DEADLINE,
             chunk_pages: 512,
             want_pfns: true,
@@ -86,12 +169,83 @@ pub struct MirrorStats {
     pub pages_mapped: u64,
     /// Pages cleared by invalidations, in total.
     pub pages_cleared: u64,
+    /// Device faults that gave up with [`Error::Busy`] at the deadline.
+    pub gave_up: u64,
+    /// Invalidations that found an overlapping snapshot in flight and were
+    /// left with it ([`Strategy::RangeLock`] only).
+    pub deferred: u64,
+    /// Pages a snapshot left out of its install because an invalidation
+    /// arrived while it walked ([`Strategy::RangeLock`] only).
+    pub pages_left_out: u64,
 }
 
 /// The device page table, reachable only under the mirror's lock.
 #[derive(Debug, Default)]
 pub struct Table {
     entries: BTreeMap<u64, MirrorEntry>,
+    /// [`Strategy::RangeLock`]: the snapshots granted and not yet installed.
+    inflight: InFlight,
+}
+
+/// Ends a range-lock snapshot that leaves early (an error, a panic).
+struct InFlightEnd<'a> {
+    shared: &'a Shared,
+    since: u64,
+}
+
+impl Drop for InFlightEnd<'_> {
+    fn drop(&mut self) {
+        self.shared.table.lock().inflight.end(self.since);
+    }
+}
+
+/// The range-lock strategy's record of snapshots in flight and of the
+/// invalidations they must leave out (see the [module docs](self)).
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Counts the invalidations left with snapshots.
+    generation: u64,
+    /// Each snapshot in flight: the generation when it was granted.
+    snapshots: Vec<u64>,
+    /// The invalidations left with snapshots: generation and range.
+    left: Vec<(u64, VaRange)>,
+}
+
+impl InFlight {
+    /// A snapshot was granted; returns its generation.
+    fn begin(&mut self) -> u64 {
+        self.snapshots.push(self.generation);
+        self.generation
+    }
+
+    /// The snapshot of generation `since` is done; forgets what no snapshot
+    /// in flight needs any more.
+    fn end(&mut self, since: u64) {
+        if let Some(i) = self.snapshots.iter().position(|&g| g == since) {
+            self.snapshots.swap_remove(i);
+        }
+        match self.snapshots.iter().min() {
+            None => self.left.clear(),
+            Some(&oldest) => self.left.retain(|&(g, _)| g > oldest),
+        }
+    }
+
+    /// Leaves `range` with the snapshots in flight; false when there are none.
+    fn leave(&mut self, range: VaRange) -> bool {
+        if self.snapshots.is_empty() {
+            return false;
+        }
+        self.generation += 1;
+        self.left.push((self.generation, range));
+        true
+    }
+
+    /// Whether the page at `addr` was invalidated after generation `since`.
+    fn left_out(&self, since: u64, addr: VirtAddr) -> bool {
+        self.left
+            .iter()
+            .any(|&(g, r)| g > since && r.contains(addr))
+    }
 }
 
 impl Table {
@@ -147,13 +301,54 @@ struct Counters {
     invalidations: AtomicU64,
     pages_mapped: AtomicU64,
     pages_cleared: AtomicU64,
+    gave_up: AtomicU64,
+    deferred: AtomicU64,
+    pages_left_out: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Shared {
     table: Mutex<Table>,
     owner: Option<OwnerId>,
+    strategy: Strategy,
+    /// [`Strategy::RangeLock`]'s lock (unused under the sequence strategy).
+    ranges: RangeLock,
     counters: Counters,
+}
+
+impl Shared {
+    fn count_cleared(&self, cleared: u64) {
+        if cleared > 0 {
+            self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .pages_cleared
+                .fetch_add(cleared, Ordering::Relaxed);
+        }
+    }
+
+    /// The range-lock strategy's invalidation (see the [module docs](self)).
+    fn invalidate_ranged(&self, range: &NotifierRange) -> bool {
+        let Ok(r) = VaRange::new(range.start.page_down(), range.end) else {
+            return true;
+        };
+        let guard = self.ranges.try_invalidate(r).ok();
+        let mut table = if range.blockable {
+            self.table.lock()
+        } else {
+            match self.table.try_lock() {
+                Some(t) => t,
+                None => return false,
+            }
+        };
+        let cleared = table.clear(range.start, range.end);
+        if guard.is_none() && table.inflight.leave(r) {
+            self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(table);
+        drop(guard);
+        self.count_cleared(cleared);
+        true
+    }
 }
 
 impl IntervalNotifierOps for Shared {
@@ -161,6 +356,10 @@ impl IntervalNotifierOps for Shared {
         // A device's own migration does not invalidate its mapping (dmirror).
         if range.event == Event::Migrate && range.owner.is_some() && range.owner == self.owner {
             return true;
+        }
+        if self.strategy == Strategy::RangeLock {
+            // No `set_seq`: nothing reads the sequence under this strategy.
+            return self.invalidate_ranged(range);
         }
         let mut table = if range.blockable {
             self.table.lock()
@@ -173,12 +372,7 @@ impl IntervalNotifierOps for Shared {
         sub.set_seq(cur_seq);
         let cleared = table.clear(range.start, range.end);
         drop(table);
-        if cleared > 0 {
-            self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .pages_cleared
-                .fetch_add(cleared, Ordering::Relaxed);
-        }
+        self.count_cleared(cleared);
         true
     }
 }
@@ -205,6 +399,8 @@ impl Mirror {
         let shared = Arc::new(Shared {
             table: Mutex::new(Table::default()),
             owner: options.owner,
+            strategy: options.strategy,
+            ranges: RangeLock::new(),
             counters: Counters::default(),
         });
         let (start, len) = span.map_or((VirtAddr(0), TASK_SIZE), |s| (s.start(), s.len()));
@@ -246,13 +442,115 @@ impl Mirror {
             invalidations: c.invalidations.load(Ordering::Relaxed),
             pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
             pages_cleared: c.pages_cleared.load(Ordering::Relaxed),
+            gave_up: c.gave_up.load(Ordering::Relaxed),
+            deferred: c.deferred.load(Ordering::Relaxed),
+            pages_left_out: c.pages_left_out.load(Ordering::Relaxed),
         }
     }
 
-    /// Runs the read_begin / range fault / read_retry loop over one chunk and
-    /// hands the entries to `install` under the table lock. Retries on `Busy`
-    /// until the deadline.
+    /// The range lock's own counters ([`Strategy::RangeLock`]; all zero
+    /// under the sequence strategy).
+    pub fn range_lock_stats(&self) -> crate::rangelock::RangeLockStats {
+        self.shared.ranges.stats()
+    }
+
+    /// One range fault of `chunk` into `pfns`: true when done, false when
+    /// it must be walked again (the sequence moved, or the walk stalled on
+    /// pages taken away as fast as it faulted them in); [`Error::Busy`] once
+    /// that happens past the deadline.
+    fn walk(
+        &self,
+        chunk: VaRange,
+        default_flags: HmmPfn,
+        pfns: &mut [HmmPfn],
+        deadline: Instant,
+    ) -> Result<Option<u64>> {
+        let seq = self.notifier.read_begin();
+        pfns.iter_mut().for_each(|p| *p = HmmPfn::empty());
+        let mut range = HmmRange::new(&self.notifier, chunk.start(), chunk.end(), pfns);
+        range.notifier_seq = seq;
+        range.default_flags = default_flags;
+        range.dev_private_owner = self.options.owner;
+        range.want_pfns = self.options.want_pfns;
+        match self.mm.range_fault(&mut range) {
+            Ok(()) => Ok(Some(seq)),
+            Err(Error::Busy) => self.again(deadline).map(|()| None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Counts a retry; [`Error::Busy`] when past `deadline`.
+    fn again(&self, deadline: Instant) -> Result<()> {
+        self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() >= deadline {
+            self.shared.counters.gave_up.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Busy);
+        }
+        Ok(())
+    }
+
+    /// Walks one chunk and hands the entries to `install` under the table
+    /// lock, by the mirror's strategy.
     fn with_range<R>(
+        &self,
+        chunk: VaRange,
+        default_flags: HmmPfn,
+        pfns: &mut [HmmPfn],
+        deadline: Instant,
+        install: impl FnMut(&mut Table, &[HmmPfn]) -> R,
+    ) -> Result<R> {
+        match self.options.strategy {
+            Strategy::Sequence => self.with_range_seq(chunk, default_flags, pfns, deadline, install),
+            Strategy::RangeLock => {
+                self.with_range_locked(chunk, default_flags, pfns, deadline, install)
+            }
+        }
+    }
+
+    /// The range-lock strategy: snapshot guard, one walk, install what no
+    /// invalidation took meanwhile (see the [module docs](self)).
+    fn with_range_locked<R>(
+        &self,
+        chunk: VaRange,
+        default_flags: HmmPfn,
+        pfns: &mut [HmmPfn],
+        deadline: Instant,
+        mut install: impl FnMut(&mut Table, &[HmmPfn]) -> R,
+    ) -> Result<R> {
+        let _guard = self.shared.ranges.snapshot(chunk);
+        let since = self.shared.table.lock().inflight.begin();
+        let done = InFlightEnd {
+            shared: &self.shared,
+            since,
+        };
+        // Invalidations do not move the sequence here; only a walk that
+        // stalls comes round again (still under the guard).
+        while self.walk(chunk, default_flags, pfns, deadline)?.is_none() {}
+        let mut table = self.shared.table.lock();
+        let mut left_out = 0;
+        for (i, p) in pfns.iter_mut().enumerate() {
+            let addr = VirtAddr(chunk.start().get() + ((i as u64) << PAGE_SHIFT));
+            if p.contains(HmmPfn::VALID) && table.inflight.left_out(since, addr) {
+                *p = HmmPfn::empty();
+                left_out += 1;
+            }
+        }
+        let r = install(&mut table, pfns);
+        table.inflight.end(since);
+        drop(table);
+        std::mem::forget(done);
+        if left_out > 0 {
+            self.shared
+                .counters
+                .pages_left_out
+                .fetch_add(left_out, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    /// The sequence strategy: the read_begin / range fault / read_retry
+    /// loop, retrying until the deadline.
+    fn with_range_seq<R>(
         &self,
         chunk: VaRange,
         default_flags: HmmPfn,
@@ -261,31 +559,13 @@ impl Mirror {
         mut install: impl FnMut(&mut Table, &[HmmPfn]) -> R,
     ) -> Result<R> {
         loop {
-            let seq = self.notifier.read_begin();
-            pfns.iter_mut().for_each(|p| *p = HmmPfn::empty());
-            let mut range = HmmRange::new(&self.notifier, chunk.start(), chunk.end(), pfns);
-            range.notifier_seq = seq;
-            range.default_flags = default_flags;
-            range.dev_private_owner = self.options.owner;
-            range.want_pfns = self.options.want_pfns;
-            match self.mm.range_fault(&mut range) {
-                Ok(()) => {}
-                Err(Error::Busy) => {
-                    self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    if Instant::now() >= deadline {
-                        return Err(Error::Busy);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
+            let Some(seq) = self.walk(chunk, default_flags, pfns, deadline)? else {
+                continue;
+            };
             let mut table = self.shared.table.lock();
             if self.notifier.read_retry(seq) {
                 drop(table);
-                self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
-                if Instant::now() >= deadline {
-                    return Err(Error::Busy);
-                }
+                self.again(deadline)?;
                 continue;
             }
             return Ok(install(&mut table, pfns));

@@ -23,7 +23,7 @@ use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, VaRange, VirtAddr
 use crate::devmem::{DevPagemap, DevicePage, PageRef, PagemapOps, Storage};
 use crate::error::{Error, Result};
 use crate::migrate::{MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MigrateSelect, MigrateVma};
-use crate::mirror::{Mirror, MirrorEntry, MirrorOptions, Table};
+use crate::mirror::{Mirror, MirrorEntry, MirrorOptions, Strategy, Table};
 use crate::mm::Mm;
 use crate::notifier::OwnerId;
 use crate::os::mm::{Mapping, Prot};
@@ -313,9 +313,16 @@ impl Dmirror {
     ///
     /// # Errors
     /// As [`Device::get`]; and as [`Mm::get`].
+    /// The mirror's strategy comes from `HMM_MIRROR_STRATEGY`
+    /// ([`Strategy::from_env`]), as the storage does from
+    /// `HMM_DMIRROR_STORAGE`.
     pub fn open(minor: u32) -> Result<Dmirror> {
         let device = Device::get(minor)?;
-        Self::open_device(device, MirrorOptions::default())
+        let options = MirrorOptions {
+            strategy: Strategy::from_env(),
+            ..MirrorOptions::default()
+        };
+        Self::open_device(device, options)
     }
 
     /// Opens `device` with a mirror of the given options (the owner is the device's).
