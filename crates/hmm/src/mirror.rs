@@ -58,7 +58,7 @@ use crate::notifier::{
 };
 use crate::pfn::HmmPfn;
 use crate::range::HmmRange;
-use crate::rangelock::RangeLock;
+use crate::rangelock::{Ledger, RangeLock};
 use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// `HMM_RANGE_DEFAULT_TIMEOUT`: how long drivers retry a busy range.
@@ -184,7 +184,7 @@ pub struct MirrorStats {
 pub struct Table {
     entries: BTreeMap<u64, MirrorEntry>,
     /// [`Strategy::RangeLock`]: the snapshots granted and not yet installed.
-    inflight: InFlight,
+    inflight: Ledger,
 }
 
 /// Ends a range-lock snapshot that leaves early (an error, a panic).
@@ -196,55 +196,6 @@ struct InFlightEnd<'a> {
 impl Drop for InFlightEnd<'_> {
     fn drop(&mut self) {
         self.shared.table.lock().inflight.end(self.since);
-    }
-}
-
-/// The range-lock strategy's record of snapshots in flight and of the
-/// invalidations they must leave out (see the [module docs](self)).
-#[derive(Debug, Default)]
-struct InFlight {
-    /// Counts the invalidations left with snapshots.
-    generation: u64,
-    /// Each snapshot in flight: the generation when it was granted.
-    snapshots: Vec<u64>,
-    /// The invalidations left with snapshots: generation and range.
-    left: Vec<(u64, VaRange)>,
-}
-
-impl InFlight {
-    /// A snapshot was granted; returns its generation.
-    fn begin(&mut self) -> u64 {
-        self.snapshots.push(self.generation);
-        self.generation
-    }
-
-    /// The snapshot of generation `since` is done; forgets what no snapshot
-    /// in flight needs any more.
-    fn end(&mut self, since: u64) {
-        if let Some(i) = self.snapshots.iter().position(|&g| g == since) {
-            self.snapshots.swap_remove(i);
-        }
-        match self.snapshots.iter().min() {
-            None => self.left.clear(),
-            Some(&oldest) => self.left.retain(|&(g, _)| g > oldest),
-        }
-    }
-
-    /// Leaves `range` with the snapshots in flight; false when there are none.
-    fn leave(&mut self, range: VaRange) -> bool {
-        if self.snapshots.is_empty() {
-            return false;
-        }
-        self.generation += 1;
-        self.left.push((self.generation, range));
-        true
-    }
-
-    /// Whether the page at `addr` was invalidated after generation `since`.
-    fn left_out(&self, since: u64, addr: VirtAddr) -> bool {
-        self.left
-            .iter()
-            .any(|&(g, r)| g > since && r.contains(addr))
     }
 }
 
@@ -500,7 +451,9 @@ impl Mirror {
         install: impl FnMut(&mut Table, &[HmmPfn]) -> R,
     ) -> Result<R> {
         match self.options.strategy {
-            Strategy::Sequence => self.with_range_seq(chunk, default_flags, pfns, deadline, install),
+            Strategy::Sequence => {
+                self.with_range_seq(chunk, default_flags, pfns, deadline, install)
+            }
             Strategy::RangeLock => {
                 self.with_range_locked(chunk, default_flags, pfns, deadline, install)
             }

@@ -202,3 +202,53 @@ fn try_invalidate_vs_snapshot() {
         assert!(idle(&lock));
     });
 }
+
+/// The mirror's range-lock strategy in miniature: a device fault (snapshot
+/// guard, [`Ledger::begin`], read the CPU's value, install unless left out)
+/// against an invalidation (the CPU changes the value, then the callback:
+/// `try_invalidate`, clear, and [`Ledger::leave`] when refused). Whatever the
+/// interleaving, the device table ends empty or holding the CPU's value,
+/// never the old one, and nobody waits on a refused invalidation.
+#[test]
+fn refused_invalidation_left_with_the_snapshot_never_leaves_stale_entries() {
+    loom::model(|| {
+        const OLD: u64 = 1;
+        const NEW: u64 = 2;
+        let lock = Arc::new(RangeLock::new());
+        let cpu = Arc::new(AtomicU64::new(OLD));
+        let table = Arc::new(Mutex::new((None::<u64>, Ledger::default())));
+        let invalidation = {
+            let (lock, cpu, table) = (lock.clone(), cpu.clone(), table.clone());
+            thread::spawn(move || {
+                cpu.store(NEW, Ordering::SeqCst);
+                let guard = lock.try_invalidate(r(0, 1)).ok();
+                let mut t = table.lock();
+                t.0 = None;
+                if guard.is_none() {
+                    t.1.leave(r(0, 1));
+                }
+                drop(t);
+                drop(guard);
+            })
+        };
+        let g = lock.snapshot(r(0, 1));
+        let since = table.lock().1.begin();
+        let seen = cpu.load(Ordering::SeqCst);
+        let mut t = table.lock();
+        if !t.1.left_out(since, VirtAddr(0)) {
+            t.0 = Some(seen);
+        }
+        t.1.end(since);
+        drop(t);
+        drop(g);
+        invalidation.join().unwrap();
+        let t = table.lock();
+        assert!(
+            t.0.is_none() || t.0 == Some(NEW),
+            "the device kept a value the CPU no longer has"
+        );
+        assert!(t.1.left.is_empty() && t.1.snapshots.is_empty());
+        drop(t);
+        assert!(idle(&lock));
+    });
+}

@@ -63,6 +63,15 @@
 //! reclaim does) calls [`RangeLock::invalidate`], which takes a ticket and
 //! waits only for the snapshots that arrived before it.
 //!
+//! ## Handing a refused invalidation to the snapshots
+//!
+//! A caller that must not wait, yet must not lose its invalidation either
+//! (the mirror's, which runs on the service thread), records its range in a
+//! [`Ledger`] kept under the device table's lock: each snapshot in flight
+//! leaves those pages out of its install. The device table then ends as if
+//! the invalidation had waited for the snapshot and cleared what it
+//! installed. A loom model checks that no interleaving leaves a stale entry.
+//!
 //! # State under the lock
 //!
 //! One mutex per address space (the [`RangeLock`] itself) protects:
@@ -169,7 +178,7 @@
 
 use core::fmt;
 
-use crate::addr::VaRange;
+use crate::addr::{VaRange, VirtAddr};
 use crate::error::Error;
 use crate::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -474,6 +483,71 @@ impl fmt::Debug for RangeGuard<'_> {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         self.lock.state.lock().release(self.ticket);
+    }
+}
+
+/// A record, kept under the device table's lock, of the snapshots in flight
+/// and of the invalidations they must leave out of their install: how a
+/// [`RangeLock::try_invalidate`] that was refused hands its range to the
+/// snapshots it would have waited for (the range-lock strategy of
+/// [`crate::mirror`]).
+///
+/// A snapshot calls [`Ledger::begin`] once granted, before it reads the CPU
+/// page table, and [`Ledger::end`] after its install; a refused invalidation
+/// calls [`Ledger::leave`] after clearing the device table; the install
+/// leaves out every page for which [`Ledger::left_out`] holds.
+#[derive(Debug, Default)]
+#[cfg_attr(
+    all(loom, not(test)),
+    allow(dead_code, reason = "the mirror that uses it is not built under loom")
+)]
+pub(crate) struct Ledger {
+    /// Counts the invalidations left with snapshots.
+    generation: u64,
+    /// Each snapshot in flight: the generation when it was granted.
+    snapshots: Vec<u64>,
+    /// The invalidations left with snapshots: generation and range.
+    left: Vec<(u64, VaRange)>,
+}
+
+#[cfg_attr(
+    all(loom, not(test)),
+    expect(dead_code, reason = "the mirror that uses it is not built under loom")
+)]
+impl Ledger {
+    /// A snapshot was granted; returns its generation.
+    pub(crate) fn begin(&mut self) -> u64 {
+        self.snapshots.push(self.generation);
+        self.generation
+    }
+
+    /// The snapshot of generation `since` is done; forgets what no snapshot
+    /// in flight needs any more.
+    pub(crate) fn end(&mut self, since: u64) {
+        if let Some(i) = self.snapshots.iter().position(|&g| g == since) {
+            self.snapshots.swap_remove(i);
+        }
+        match self.snapshots.iter().min() {
+            None => self.left.clear(),
+            Some(&oldest) => self.left.retain(|&(g, _)| g > oldest),
+        }
+    }
+
+    /// Leaves `range` with the snapshots in flight; false when there are none.
+    pub(crate) fn leave(&mut self, range: VaRange) -> bool {
+        if self.snapshots.is_empty() {
+            return false;
+        }
+        self.generation += 1;
+        self.left.push((self.generation, range));
+        true
+    }
+
+    /// Whether the page at `addr` was invalidated after generation `since`.
+    pub(crate) fn left_out(&self, since: u64, addr: VirtAddr) -> bool {
+        self.left
+            .iter()
+            .any(|&(g, r)| g > since && r.contains(addr))
     }
 }
 

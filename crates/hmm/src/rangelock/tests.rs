@@ -407,3 +407,44 @@ fn stress_mutual_exclusion_and_completion() {
     assert_eq!(granted + refused, THREADS * OPS);
     assert!(held.lock().unwrap().is_empty());
 }
+
+/// The page at page index `p`.
+fn page(p: u64) -> VirtAddr {
+    VirtAddr(p * PAGE_SIZE)
+}
+
+#[test]
+fn ledger_leaves_out_only_what_arrived_after_a_snapshot_began() {
+    let mut l = Ledger::default();
+    // Nobody in flight: nothing to leave, nothing recorded.
+    assert!(!l.leave(r(0, 4)));
+    let s1 = l.begin();
+    assert!(!l.left_out(s1, page(1)), "arrived before s1 began");
+    assert!(l.leave(r(0, 2)));
+    let s2 = l.begin();
+    assert!(l.leave(r(4, 6)));
+    // s1 leaves out both ranges, s2 only the one after it began.
+    assert!(l.left_out(s1, page(1)) && l.left_out(s1, page(5)));
+    assert!(!l.left_out(s2, page(1)) && l.left_out(s2, page(5)));
+    assert!(!l.left_out(s1, page(3)), "not invalidated");
+    assert!(!l.left_out(s1, page(2)), "ranges are half-open");
+    // s1 done: what only it needed is forgotten, s2's part kept.
+    l.end(s1);
+    assert_eq!(l.left.len(), 1);
+    assert!(l.left_out(s2, page(5)));
+    l.end(s2);
+    assert!(l.left.is_empty() && l.snapshots.is_empty());
+}
+
+#[test]
+fn ledger_end_of_one_of_two_snapshots_of_a_generation_keeps_the_other() {
+    let mut l = Ledger::default();
+    let a = l.begin();
+    let b = l.begin();
+    assert_eq!(a, b);
+    assert!(l.leave(r(0, 1)));
+    l.end(a);
+    assert!(l.left_out(b, page(0)), "b is still in flight");
+    l.end(b);
+    assert!(l.left.is_empty());
+}
