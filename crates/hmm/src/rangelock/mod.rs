@@ -67,7 +67,7 @@
 //!
 //! A caller that must not wait, yet must not lose its invalidation either
 //! (the mirror's, which runs on the service thread), records its range in a
-//! [`Ledger`] kept under the device table's lock: each snapshot in flight
+//! ledger kept under the device table's lock: each snapshot in flight
 //! leaves those pages out of its install. The device table then ends as if
 //! the invalidation had waited for the snapshot and cleared what it
 //! installed. A loom model checks that no interleaving leaves a stale entry.
