@@ -1,7 +1,10 @@
 //! Stress: device threads fault and read while another thread unmaps, remaps
-//! and DONTNEEDs the same ranges, for several seconds (`HMM_STRESS_SECS`,
-//! default 4; `HMM_STRESS_SEED` fixes the random choices, not the
-//! interleaving).
+//! and DONTNEEDs the same ranges, once per mirror strategy
+//! ([`Strategy::Sequence`] and [`Strategy::RangeLock`]), for several seconds
+//! in all (`HMM_STRESS_SECS`, default 4, split evenly between the two;
+//! `HMM_STRESS_SEED` fixes the random choices, not the interleaving). The two
+//! runs take turns: each counts the address space's events from its own
+//! start, and sharing two CPUs would halve the pressure on both.
 //!
 //! # The arena and its oracle
 //! 16 slots of 4 pages, each slot its own anonymous mapping (4 KiB pages,
@@ -46,7 +49,15 @@
 //! Everything below is collected and reported together:
 //! - for each device: the `faults` reported by successful commands never
 //!   exceed the mirror's (equal when no command failed), every fault mapped
-//!   at least a page, `pages_cleared <= pages_mapped`, invalidations happened;
+//!   at least a page, `pages_cleared <= pages_mapped`, invalidations happened,
+//!   and every command that failed with `EBUSY` is a fault the mirror counts
+//!   as given up (`gave_up`), the mirror's only way to return `Busy`;
+//! - for the range-lock strategy, its promise: a device fault never retries
+//!   because of an invalidation, so none gives up (`gave_up == 0`, no
+//!   command fails with `EBUSY`) unless its walk stalled on pages taken away
+//!   as fast as it faulted them, which `retries` counts and which a run this
+//!   short does not see; `pages_left_out <= pages_mapped`. The sequence
+//!   strategy never defers an invalidation nor leaves a page out;
 //! - for the address space: at least one `REMOVE`, `UNMAP` and `REMAP` event
 //!   per DONTNEED, munmap and mremap of a range the test registered;
 //! - after quiescing: every page a device maps in a live slot is registered
@@ -63,8 +74,8 @@ use std::time::{Duration, Instant};
 
 use hmm::os::mm::{Mapping, Prot, dontneed};
 use hmm::os::procmap::ProcMaps;
-use hmm::testdev::Dmirror;
-use hmm::{Mm, MmStats, PAGE_SIZE, VaRange, VirtAddr};
+use hmm::testdev::{Device, Dmirror};
+use hmm::{MirrorOptions, Mm, MmStats, PAGE_SIZE, Strategy, VaRange, VirtAddr};
 
 const SLOTS: usize = 16;
 const SLOT_PAGES: u64 = 4;
@@ -673,18 +684,92 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// Aborts the process when a run is still going 60 s after it started: a
+/// device fault that never returns would otherwise hang the binary with no
+/// word of where. Prints every thread's kernel wait first.
+struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn new(what: String) -> Watchdog {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let limit = Duration::from_secs(60);
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                let mut threads = String::new();
+                for t in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
+                    let Ok(t) = t else { continue };
+                    let read = |f: &str| std::fs::read_to_string(t.path().join(f));
+                    threads += &format!(
+                        "  {} {} wchan={}\n",
+                        t.file_name().to_string_lossy(),
+                        read("comm").unwrap_or_default().trim(),
+                        read("wchan").unwrap_or_default()
+                    );
+                }
+                // Past libtest's capture, which an abort would lose.
+                let msg =
+                    format!("{what}: still running after {limit:?}, aborting. Threads:\n{threads}");
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+                std::process::abort();
+            }
+        });
+        Watchdog {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes the per-strategy runs take turns (see the module docs).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
-fn device_reads_race_unmap_remap_and_dontneed() {
+fn device_reads_race_unmap_remap_and_dontneed_sequence() {
+    stress(Strategy::Sequence);
+}
+
+#[test]
+fn device_reads_race_unmap_remap_and_dontneed_range_lock() {
+    stress(Strategy::RangeLock);
+}
+
+/// One run with both devices' mirrors under `strategy`.
+fn stress(strategy: Strategy) {
+    // The other run failing poisons the lock; this one still runs.
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let secs = env_u64("HMM_STRESS_SECS").unwrap_or(4);
+    let run = Duration::from_secs(secs) / 2;
     let seed = env_u64("HMM_STRESS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    eprintln!("stress: {secs} s, seed {seed} (HMM_STRESS_SECS, HMM_STRESS_SEED)");
+    eprintln!(
+        "stress {strategy}: {run:?} of {secs} s, seed {seed} (HMM_STRESS_SECS, HMM_STRESS_SEED)"
+    );
+    let _watchdog = Watchdog::new(format!("stress {strategy}"));
     let mm = Mm::get().expect("mm");
+    let options = MirrorOptions {
+        strategy,
+        ..MirrorOptions::default()
+    };
     let devices: Vec<Arc<Dmirror>> = (0..DEVICES)
-        .map(|_| Arc::new(Dmirror::open(0).expect("open dmirror")))
+        .map(|_| {
+            let device = Device::get(0).expect("dmirror device");
+            Arc::new(Dmirror::open_device(device, options).expect("open dmirror"))
+        })
         .collect();
     let base = mm.stats();
 
@@ -705,7 +790,7 @@ fn device_reads_race_unmap_remap_and_dontneed() {
         expected: (0..NPAGES).map(|_| AtomicU64::new(0)).collect(),
         issued: (0..NPAGES).map(|_| AtomicU32::new(0)).collect(),
         stop: AtomicBool::new(false),
-        deadline: Instant::now() + Duration::from_secs(secs),
+        deadline: Instant::now() + run,
     });
     for (s, &seed) in first.iter().enumerate() {
         let state = arena.lock(s).expect("slot");
@@ -746,13 +831,17 @@ fn device_reads_race_unmap_remap_and_dontneed() {
         failed_remaps,
     } = mutator.join().expect("mutator thread panicked");
     let elapsed = started.elapsed();
-    eprintln!("stress: ran {elapsed:.2?}; mutator {mutated:?}");
+    eprintln!("stress {strategy}: ran {elapsed:.2?}; mutator {mutated:?}");
     for (d, st) in dev_stats.iter().enumerate() {
-        eprintln!("stress: device {d}: {st:?}");
-        eprintln!(
-            "stress: device {d} mirror: {:?}",
-            devices[d].mirror().stats()
-        );
+        let mirror = devices[d].mirror();
+        eprintln!("stress {strategy}: device {d}: {st:?}");
+        eprintln!("stress {strategy}: device {d} mirror: {:?}", mirror.stats());
+        if strategy == Strategy::RangeLock {
+            eprintln!(
+                "stress {strategy}: device {d} range lock: {:?}",
+                mirror.range_lock_stats()
+            );
+        }
     }
 
     // The run did what it is for (a failure here is the test's, not the library's).
@@ -776,7 +865,7 @@ fn device_reads_race_unmap_remap_and_dontneed() {
             && ev.remaps >= mutated.want_remaps
     });
     let events = since(mm.stats(), base);
-    eprintln!("stress: mm events {events:?}");
+    eprintln!("stress {strategy}: mm events {events:?}");
     if !caught_up || events.removes == 0 || events.unmaps + events.remaps == 0 {
         problems.push(format!(
             "events missing: {events:?}; the ranges the test registered needed at least \
@@ -818,6 +907,40 @@ fn device_reads_race_unmap_remap_and_dontneed() {
         }
         if m.invalidations == 0 || m.pages_cleared < m.invalidations {
             bad.push("invalidations that cleared nothing, or none".into());
+        }
+        // A mirror returns `Busy` only from a fault that gave up, which
+        // `gave_up` counts, and dmirror fails the command with it: the two
+        // agree exactly.
+        let ebusy = st.read_ebusy + st.write_ebusy + st.snapshot_ebusy;
+        if ebusy != m.gave_up {
+            bad.push(format!(
+                "{ebusy} commands failed with EBUSY but {} faults gave up",
+                m.gave_up
+            ));
+        }
+        if m.gave_up > m.retries {
+            bad.push("faults gave up without retrying".into());
+        }
+        match strategy {
+            Strategy::RangeLock => {
+                // The strategy's promise: invalidations never make a fault
+                // retry; only a walk that stalls does (`retries`).
+                if m.gave_up > 0 {
+                    bad.push(format!(
+                        "{} range-lock faults gave up ({} stalled walks): a fault returned \
+                         Busy",
+                        m.gave_up, m.retries
+                    ));
+                }
+                if m.pages_left_out > m.pages_mapped {
+                    bad.push("more pages left out than mapped".into());
+                }
+            }
+            Strategy::Sequence => {
+                if m.deferred != 0 || m.pages_left_out != 0 {
+                    bad.push("the sequence strategy deferred or left out pages".into());
+                }
+            }
         }
         if !bad.is_empty() {
             problems.push(format!("device {d}: {m:?}: {}", bad.join("; ")));
@@ -926,7 +1049,7 @@ fn device_reads_race_unmap_remap_and_dontneed() {
     }
 
     eprintln!(
-        "stress: {} reads ({} exact, {} raced), {} writes, {} snapshots; {} EFAULT, {} EBUSY \
+        "stress {strategy}: {} reads ({} exact, {} raced), {} writes, {} snapshots; {} EFAULT, {} EBUSY \
          ({} EBUSY on unchanging slots)",
         total(|s| s.reads_ok),
         total(|s| s.reads_exact),
