@@ -23,6 +23,7 @@ use serde::Serialize;
 
 mod fault;
 mod migrate;
+mod storm;
 
 /// The error type of the measurements.
 type BoxResult<T> = Result<T, Box<dyn Error>>;
@@ -47,6 +48,15 @@ impl Progress {
             eprintln!("{what}");
         }
     }
+}
+
+/// A fresh private anonymous mapping of `len` bytes with 4 KiB pages
+/// (`MADV_NOHUGEPAGE`), not populated.
+fn fresh(len: u64) -> BoxResult<hmm::os::mm::Mapping> {
+    use hmm::os::mm::{self as osmm, Mapping, Prot};
+    let m = Mapping::anonymous(len, Prot::READ | Prot::WRITE).ctx("mmap")?;
+    osmm::hugepage(m.range(), false).ctx("MADV_NOHUGEPAGE")?;
+    Ok(m)
 }
 
 /// The order of two arms in repetition `rep`: alternating, so neither
@@ -88,6 +98,25 @@ pub enum BenchKind {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Device faults while another thread keeps calling MADV_DONTNEED on the
+    /// same range, for both mirror strategies (sequence, range lock), beside
+    /// the same storm on memory no mirror covers.
+    Storm {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds measured per phase (after a 0.25 s warm-up); each second
+        /// is one repetition.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Device threads faulting the range.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The mirror's deadline (`MirrorOptions::deadline`) in milliseconds:
+        /// a device fault gives up with Busy after it.
+        #[arg(long, default_value_t = 100)]
+        deadline_ms: u64,
+    },
 }
 
 /// Runs the benchmark `which` and prints its report. A missed target is a
@@ -114,6 +143,31 @@ pub fn run(which: BenchKind) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 return Err("--reps must be at least 1".into());
             }
             let report = migrate::run(reps, !json)?;
+            print_report(&report, json)?;
+        }
+        BenchKind::Storm {
+            json,
+            seconds,
+            threads,
+            deadline_ms,
+        } => {
+            if !(1..=3600).contains(&seconds) {
+                return Err("--seconds must be between 1 and 3600".into());
+            }
+            if !(1..=storm::MAX_THREADS).contains(&threads) {
+                return Err(
+                    format!("--threads must be between 1 and {}", storm::MAX_THREADS).into(),
+                );
+            }
+            if !(1..=60_000).contains(&deadline_ms) {
+                return Err("--deadline-ms must be between 1 and 60000".into());
+            }
+            let opts = storm::StormOptions {
+                seconds,
+                threads,
+                deadline: std::time::Duration::from_millis(deadline_ms),
+            };
+            let report = storm::run(opts, !json)?;
             print_report(&report, json)?;
         }
     }
@@ -173,15 +227,23 @@ pub enum Target {
     AtLeast(f64),
     /// The ratio must be at most this (a cost: lower is better).
     AtMost(f64),
+    /// No goal: the row is reported, not judged.
+    None,
 }
 
 impl Target {
-    /// Whether `ratio` meets the target.
+    /// Whether `ratio` meets the target (always, for [`Target::None`]).
     pub fn meets(self, ratio: f64) -> bool {
         match self {
             Target::AtLeast(t) => ratio >= t,
             Target::AtMost(t) => ratio <= t,
+            Target::None => true,
         }
+    }
+
+    /// Whether there is a goal to judge.
+    pub fn is_goal(self) -> bool {
+        self != Target::None
     }
 }
 
@@ -190,6 +252,7 @@ impl fmt::Display for Target {
         match self {
             Target::AtLeast(t) => write!(f, ">= {t}"),
             Target::AtMost(t) => write!(f, "<= {t}"),
+            Target::None => f.write_str("none"),
         }
     }
 }
@@ -453,7 +516,14 @@ impl fmt::Display for Report {
                     spread(&r.baseline_value),
                     spread(&r.ratio),
                     r.target.to_string(),
-                    if r.meets() { "meets" } else { "misses" }.to_string(),
+                    if !r.target.is_goal() {
+                        "-"
+                    } else if r.meets() {
+                        "meets"
+                    } else {
+                        "misses"
+                    }
+                    .to_string(),
                 ]
             })
             .collect();
@@ -477,12 +547,16 @@ impl fmt::Display for Report {
         for row in &cells {
             line(f, &row.iter().map(String::as_str).collect::<Vec<_>>())?;
         }
-        let met = self.rows.iter().filter(|r| r.meets()).count();
+        let judged = self.rows.iter().filter(|r| r.target.is_goal()).count();
+        let met = self
+            .rows
+            .iter()
+            .filter(|r| r.target.is_goal() && r.meets())
+            .count();
         writeln!(f)?;
         writeln!(
             f,
-            "{met} of {} targets met (verdict on the median ratio)",
-            self.rows.len()
+            "{met} of {judged} targets met (verdict on the median ratio)"
         )
     }
 }
@@ -527,6 +601,10 @@ mod tests {
         assert!(!Target::AtMost(1.2).meets(1.21));
         assert_eq!(Target::AtLeast(0.7).to_string(), ">= 0.7");
         assert_eq!(Target::AtMost(1.3).to_string(), "<= 1.3");
+        assert!(Target::None.meets(1e9));
+        assert!(!Target::None.is_goal());
+        assert!(Target::AtMost(1.3).is_goal());
+        assert_eq!(Target::None.to_string(), "none");
 
         // Ratios are paired per repetition, then summarised.
         let r = Row::from_samples(
@@ -639,5 +717,19 @@ mod tests {
         let munmap = lines.iter().find(|l| l.starts_with("munmap")).unwrap();
         assert!(munmap.ends_with("misses"), "{munmap}");
         assert!(text.contains("1 of 2 targets met"));
+    }
+
+    #[test]
+    fn rows_without_a_goal_are_not_judged() {
+        let mut report = sample_report();
+        report
+            .rows
+            .push(Row::from_samples("info", "us", "raw", &[5.0], &[1.0], Target::None).unwrap());
+        let text = report.to_string();
+        let info = text.lines().find(|l| l.starts_with("info")).unwrap();
+        assert!(info.ends_with('-'), "{info}");
+        assert!(text.contains("1 of 2 targets met"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        assert_eq!(v["rows"][2]["target"], "none");
     }
 }

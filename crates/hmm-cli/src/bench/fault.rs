@@ -33,7 +33,9 @@ use hmm::os::pagemap::{Category, Entry, Pagemap};
 use hmm::os::uffd::{Features, Message, RegisterMode, Uffd};
 use hmm::{HmmPfn, HmmRange, IntervalNotifier, Mirror, MirrorOptions, Mm, PAGE_SIZE, VaRange};
 
-use super::{BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, order2, pinned_mm};
+use super::{
+    BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, fresh, order2, pinned_mm,
+};
 
 /// The CPU every thread of the benchmark runs on.
 const CPU: usize = 0;
@@ -268,13 +270,6 @@ fn snapshot(mm: &Mm, size: u64, reps: usize, log: &Progress) -> BoxResult<(Vec<R
     ];
     drop(notifier);
     Ok((rows, real_pfns))
-}
-
-/// A fresh private anonymous mapping of `len` bytes with 4 KiB pages.
-fn fresh(len: u64) -> BoxResult<Mapping> {
-    let m = Mapping::anonymous(len, Prot::READ | Prot::WRITE).ctx("mmap")?;
-    osmm::hugepage(m.range(), false).ctx("MADV_NOHUGEPAGE")?;
-    Ok(m)
 }
 
 /// Polls `done` under the mirror's lock, yielding the CPU in between (the
