@@ -10,8 +10,10 @@
 //! binary run just one `#[test]` that makes the same call.
 //!
 //! 1. The parent starts the host with `HMM_CONFORMANCE_CHILD=name/variant`
-//!    ([`CHILD_ENV`]), stdin closed, stdout and stderr piped, and the child as
-//!    leader of a new process group (the kernel harness's `setpgrp()`).
+//!    ([`CHILD_ENV`]) and `HMM_MIRROR_STRATEGY` ([`STRATEGY_ENV`]) set to the
+//!    mirror strategy the case runs under, stdin closed, stdout and stderr
+//!    piped, and the child as leader of a new process group (the kernel
+//!    harness's `setpgrp()`).
 //! 2. The child finds the case by `name/variant` in [`cases`] (then in the
 //!    harness's own self-test cases), runs it under `catch_unwind`, and ends
 //!    its stdout with one line: a marker and the outcome as JSON. It then
@@ -45,14 +47,20 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hmm::Strategy;
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::case::{Case, Outcome};
 
 /// The environment variable that tells a host executable to run one case:
 /// its value is the case's `name/variant` ([`Case::id`]).
 pub const CHILD_ENV: &str = "HMM_CONFORMANCE_CHILD";
+
+/// The environment variable that gives a child its mirror strategy: the
+/// variable [`Strategy::from_env`] reads, set to [`Strategy::name`]. The
+/// software device (`hmm::testdev::Dmirror`) builds its mirror with it.
+pub const STRATEGY_ENV: &str = "HMM_MIRROR_STRATEGY";
 
 /// The per-case timeout the kernel's harness uses by default
 /// (`TEST_TIMEOUT_DEFAULT`, 30 s, in `kselftest_harness.h`).
@@ -105,7 +113,7 @@ impl std::fmt::Display for ResultKind {
 /// The result of one case run in its own process.
 ///
 /// Serializes as exactly
-/// `{"name":…,"variant":…,"result":"pass"|"fail"|"skip","reason":…|null,"ms":…}`;
+/// `{"name":…,"variant":…,"strategy":"sequence"|"range-lock","result":"pass"|"fail"|"skip","reason":…|null,"ms":…}`;
 /// the captured output is kept for display but not serialized.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct CaseResult {
@@ -113,6 +121,9 @@ pub struct CaseResult {
     pub name: String,
     /// The kernel's variant name, e.g. `hmm_device_private`.
     pub variant: String,
+    /// The mirror strategy the child ran under, by its [`Strategy::name`].
+    #[serde(serialize_with = "serialize_strategy")]
+    pub strategy: Strategy,
     /// How it ended.
     pub result: ResultKind,
     /// Why it failed or was skipped; `None` for a pass.
@@ -133,10 +144,17 @@ impl CaseResult {
         format!("{}/{}", self.name, self.variant)
     }
 
-    fn new(case: &Case, result: ResultKind, reason: Option<String>, ms: u64) -> Self {
+    fn new(
+        case: &Case,
+        strategy: Strategy,
+        result: ResultKind,
+        reason: Option<String>,
+        ms: u64,
+    ) -> Self {
         CaseResult {
             name: case.name.to_owned(),
             variant: case.variant_name().to_owned(),
+            strategy,
             result,
             reason,
             ms,
@@ -146,12 +164,19 @@ impl CaseResult {
     }
 }
 
-/// An executable that hosts the suite, and the arguments that make it reach
-/// [`child_main_if_requested`].
+fn serialize_strategy<S: Serializer>(strategy: &Strategy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(strategy.name())
+}
+
+/// An executable that hosts the suite, the arguments that make it reach
+/// [`child_main_if_requested`], and the mirror strategy its children run
+/// under.
 #[derive(Clone, Debug)]
 pub struct Host {
     program: PathBuf,
     args: Vec<OsString>,
+    /// `None`: this process's own ([`Strategy::from_env`]).
+    strategy: Option<Strategy>,
 }
 
 impl Host {
@@ -164,7 +189,25 @@ impl Host {
         Host {
             program: program.into(),
             args: args.into_iter().map(Into::into).collect(),
+            strategy: None,
         }
+    }
+
+    /// This host, starting its children under `strategy` ([`STRATEGY_ENV`]).
+    ///
+    /// Without it a child runs under this process's own strategy
+    /// ([`Strategy::from_env`]), passed on explicitly.
+    #[must_use]
+    pub fn with_strategy(self, strategy: Strategy) -> Self {
+        Host {
+            strategy: Some(strategy),
+            ..self
+        }
+    }
+
+    /// The mirror strategy this host's children run under.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy.unwrap_or_else(Strategy::from_env)
     }
 
     /// The running executable, started with no arguments: for a binary whose
@@ -305,14 +348,23 @@ fn write_report(outcome: Outcome) -> io::Result<()> {
 
 /// Runs `case` in a child of the running executable, killing it after `timeout`.
 ///
+/// The child runs under this process's own mirror strategy
+/// ([`Strategy::from_env`]); see [`run_isolated_with`] to choose it.
+///
 /// The running executable must call [`child_main_if_requested`] first thing
 /// in `main`; see [`run_isolated_on`] for other hosts. Never fails: every
 /// problem, including failing to start the child, is a failed [`CaseResult`].
 pub fn run_isolated(case: &Case, timeout: Duration) -> CaseResult {
+    run_isolated_with(case, timeout, Strategy::from_env())
+}
+
+/// [`run_isolated`], with the child's mirror built under `strategy`.
+pub fn run_isolated_with(case: &Case, timeout: Duration, strategy: Strategy) -> CaseResult {
     match Host::current_exe() {
-        Ok(host) => run_isolated_on(&host, case, timeout),
+        Ok(host) => run_isolated_on(&host.with_strategy(strategy), case, timeout),
         Err(e) => CaseResult::new(
             case,
+            strategy,
             ResultKind::Fail,
             Some(format!(
                 "cannot find the running executable to re-execute: {e}"
@@ -322,16 +374,19 @@ pub fn run_isolated(case: &Case, timeout: Duration) -> CaseResult {
     }
 }
 
-/// Runs `case` in a child started from `host`, killing it after `timeout`.
+/// Runs `case` in a child started from `host`, under the host's mirror
+/// strategy ([`Host::strategy`]), killing it after `timeout`.
 ///
 /// See the [module docs](self) for the protocol and how crashes, timeouts
 /// and missing reports are judged.
 pub fn run_isolated_on(host: &Host, case: &Case, timeout: Duration) -> CaseResult {
+    let strategy = host.strategy();
     let start = Instant::now();
     let mut command = Command::new(&host.program);
     command
         .args(&host.args)
         .env(CHILD_ENV, case.id())
+        .env(STRATEGY_ENV, strategy.name())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -340,7 +395,7 @@ pub fn run_isolated_on(host: &Host, case: &Case, timeout: Duration) -> CaseResul
         Ok(child) => child,
         Err(e) => {
             let why = format!("cannot start {}: {e}", host.program.display());
-            return CaseResult::new(case, ResultKind::Fail, Some(why), 0);
+            return CaseResult::new(case, strategy, ResultKind::Fail, Some(why), 0);
         }
     };
     let stdout = Capture::start(child.stdout.take());
@@ -360,7 +415,7 @@ pub fn run_isolated_on(host: &Host, case: &Case, timeout: Duration) -> CaseResul
     CaseResult {
         stdout,
         stderr,
-        ..CaseResult::new(case, result, reason, ms)
+        ..CaseResult::new(case, strategy, result, reason, ms)
     }
 }
 
@@ -594,6 +649,26 @@ pub fn run_suite_with(
         .collect()
 }
 
+/// [`run_suite_with`] under each of `strategies` in turn: every matching
+/// case under the first strategy, then every one under the next.
+pub fn run_suite_under(
+    filter: Option<&str>,
+    timeout: Duration,
+    strategies: &[Strategy],
+    on_result: &mut dyn FnMut(&CaseResult),
+) -> Vec<CaseResult> {
+    let cases = crate::cases();
+    strategies
+        .iter()
+        .flat_map(|&strategy| selected(&cases, filter).map(move |case| (case, strategy)))
+        .map(|(case, strategy)| {
+            let result = run_isolated_with(case, timeout, strategy);
+            on_result(&result);
+            result
+        })
+        .collect()
+}
+
 /// Runs the cases of `cases` that match `filter`, one at a time, on `host`.
 pub fn run_cases_on(
     host: &Host,
@@ -668,6 +743,7 @@ mod tests {
         );
         assert_eq!(r.name, "harness_pass");
         assert_eq!(r.variant, "hmm_device_private");
+        assert_eq!(r.strategy, host().strategy());
         assert!(r.stdout.contains("hello from the child"), "{r:?}");
         assert!(!r.stdout.contains(REPORT_MARKER), "{r:?}");
     }
@@ -742,6 +818,32 @@ mod tests {
         assert_eq!(private.result, ResultKind::Pass, "{private:?}");
         assert_eq!(coherent.result, ResultKind::Skip, "{coherent:?}");
         assert_eq!(coherent.variant, "hmm_device_coherent");
+    }
+
+    #[test]
+    fn the_strategy_reaches_the_child() {
+        let case = case("harness_strategy", Variant::DevicePrivate);
+        for strategy in Strategy::ALL {
+            let r = run_isolated_on(&host().with_strategy(strategy), &case, LONG);
+            assert_eq!(r.result, ResultKind::Pass, "{r:?}");
+            assert_eq!(r.strategy, strategy);
+            let line = format!("mirror strategy: {strategy}");
+            assert!(r.stdout.lines().any(|l| l == line), "{line:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn a_host_without_a_strategy_passes_its_own_on() {
+        let host = host();
+        assert_eq!(host.strategy(), Strategy::from_env());
+        let r = run_isolated_on(
+            &host,
+            &case("harness_strategy", Variant::DevicePrivate),
+            LONG,
+        );
+        assert_eq!(r.strategy, Strategy::from_env());
+        let line = format!("mirror strategy: {}", Strategy::from_env());
+        assert!(r.stdout.lines().any(|l| l == line), "{line:?}: {r:?}");
     }
 
     #[test]
@@ -838,6 +940,7 @@ mod tests {
         let pass = CaseResult {
             name: "anon_read".into(),
             variant: "hmm_device_private".into(),
+            strategy: Strategy::Sequence,
             result: ResultKind::Pass,
             reason: None,
             ms: 12,
@@ -853,30 +956,37 @@ mod tests {
         let fail = CaseResult {
             result: ResultKind::Fail,
             reason: Some("x".into()),
+            strategy: Strategy::RangeLock,
             ..pass.clone()
         };
         assert_eq!(
             serde_json::to_string(&pass).expect("json"),
-            r#"{"name":"anon_read","variant":"hmm_device_private","result":"pass","reason":null,"ms":12}"#
+            r#"{"name":"anon_read","variant":"hmm_device_private","strategy":"sequence","result":"pass","reason":null,"ms":12}"#
         );
         assert_eq!(
             serde_json::to_value(&skip).expect("json"),
             serde_json::json!({
                 "name": "anon_read",
                 "variant": "hmm_device_coherent",
+                "strategy": "sequence",
                 "result": "skip",
                 "reason": "no device",
                 "ms": 12,
             })
         );
-        assert_eq!(serde_json::to_value(&fail).expect("json")["result"], "fail");
+        let fail = serde_json::to_value(&fail).expect("json");
+        assert_eq!(fail["result"], "fail");
+        assert_eq!(fail["strategy"], "range-lock");
         // A real run serializes the same way.
-        let real = serde_json::to_value(run("harness_skip", LONG)).expect("json");
+        let skip = case("harness_skip", Variant::DevicePrivate);
+        let ranged = run_isolated_on(&host().with_strategy(Strategy::RangeLock), &skip, LONG);
+        let real = serde_json::to_value(ranged).expect("json");
         let keys: Vec<_> = real.as_object().expect("object").keys().cloned().collect();
-        assert_eq!(keys.len(), 5);
-        for k in ["name", "variant", "result", "reason", "ms"] {
+        assert_eq!(keys.len(), 6);
+        for k in ["name", "variant", "strategy", "result", "reason", "ms"] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {real}");
         }
+        assert_eq!(real["strategy"], "range-lock");
         assert!(real["ms"].is_u64());
     }
 

@@ -15,9 +15,14 @@
 //! Two executables host the suite, and both call
 //! [`child_main_if_requested`] first thing in `main`:
 //! - `tests/conformance.rs` (`cargo test -p hmm-conformance`), one libtest
-//!   trial per case, named `name::variant`;
-//! - the `hmm selftest` command, through [`run_suite`] and [`format_table`]
-//!   (or the JSON form of [`CaseResult`]).
+//!   trial per case and mirror strategy, named `name::variant` under the
+//!   sequence strategy and `name::variant::range_lock` under the range lock;
+//! - the `hmm selftest` command, through [`run_suite_under`] and
+//!   [`format_table`] (or the JSON form of [`CaseResult`]).
+//!
+//! Every case runs under each of the mirror's strategies
+//! ([`hmm::Strategy`]): the harness gives the child its strategy through
+//! [`STRATEGY_ENV`], and the software device builds its mirror with it.
 //!
 //! A skip always carries its reason ([`Outcome::Skip`]).
 //!
@@ -47,8 +52,9 @@ mod selftest;
 
 pub use case::{Case, Fixture, Outcome, Variant};
 pub use harness::{
-    CHILD_ENV, CaseResult, DEFAULT_TIMEOUT, Host, ResultKind, child_main_if_requested,
-    run_cases_on, run_isolated, run_isolated_on, run_suite, run_suite_with,
+    CHILD_ENV, CaseResult, DEFAULT_TIMEOUT, Host, ResultKind, STRATEGY_ENV,
+    child_main_if_requested, run_cases_on, run_isolated, run_isolated_on, run_isolated_with,
+    run_suite, run_suite_under, run_suite_with,
 };
 pub use registry::cases;
 pub use report::{Summary, format_table};

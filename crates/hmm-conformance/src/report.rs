@@ -46,8 +46,8 @@ impl fmt::Display for Summary {
     }
 }
 
-/// A table of `results` (result, name, variant, milliseconds, first line of
-/// the reason) followed by the line `N passed, N failed, N skipped`.
+/// A table of `results` (result, name, variant, mirror strategy,
+/// milliseconds, first line of the reason) followed by the line `N passed, N failed, N skipped`.
 ///
 /// # Examples
 ///
@@ -71,6 +71,12 @@ pub fn format_table(results: &[CaseResult]) -> String {
             .chain([7])
             .max()
             .unwrap_or(7);
+        let strategy_w = results
+            .iter()
+            .map(|r| r.strategy.name().len())
+            .chain([8])
+            .max()
+            .unwrap_or(8);
         let ms_w = results
             .iter()
             .map(|r| r.ms.to_string().len())
@@ -79,16 +85,17 @@ pub fn format_table(results: &[CaseResult]) -> String {
             .unwrap_or(2);
         let _ = writeln!(
             out,
-            "RESULT  {:name_w$}  {:variant_w$}  {:>ms_w$}  REASON",
-            "NAME", "VARIANT", "MS"
+            "RESULT  {:name_w$}  {:variant_w$}  {:strategy_w$}  {:>ms_w$}  REASON",
+            "NAME", "VARIANT", "STRATEGY", "MS"
         );
         for r in results {
             let reason = r.reason.as_deref().map(first_line).unwrap_or_default();
             let row = format!(
-                "{:6}  {:name_w$}  {:variant_w$}  {:>ms_w$}  {reason}",
+                "{:6}  {:name_w$}  {:variant_w$}  {:strategy_w$}  {:>ms_w$}  {reason}",
                 r.result.name(),
                 r.name,
                 r.variant,
+                r.strategy.name(),
                 r.ms
             );
             let _ = writeln!(out, "{}", row.trim_end());
@@ -108,11 +115,14 @@ fn first_line(reason: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use hmm::Strategy;
+
     use super::*;
 
     fn result(
         name: &str,
         variant: &str,
+        strategy: Strategy,
         result: ResultKind,
         reason: Option<&str>,
         ms: u64,
@@ -120,6 +130,7 @@ mod tests {
         CaseResult {
             name: name.into(),
             variant: variant.into(),
+            strategy,
             result,
             reason: reason.map(Into::into),
             ms,
@@ -146,6 +157,7 @@ mod tests {
             result(
                 "open_close",
                 "hmm_device_private",
+                Strategy::Sequence,
                 ResultKind::Pass,
                 None,
                 3,
@@ -153,6 +165,7 @@ mod tests {
             result(
                 "open_close",
                 "hmm_device_coherent",
+                Strategy::Sequence,
                 ResultKind::Skip,
                 Some("no /dev/hmm_dmirror2"),
                 1,
@@ -160,16 +173,17 @@ mod tests {
             result(
                 "anon_read",
                 "hmm_device_private",
+                Strategy::RangeLock,
                 ResultKind::Fail,
                 Some("killed by signal 6 (SIGABRT)\nstderr:\nboom"),
                 1234,
             ),
         ];
         let want = "\
-RESULT  NAME        VARIANT                MS  REASON
-pass    open_close  hmm_device_private      3
-skip    open_close  hmm_device_coherent     1  no /dev/hmm_dmirror2
-fail    anon_read   hmm_device_private   1234  killed by signal 6 (SIGABRT) [...]
+RESULT  NAME        VARIANT              STRATEGY      MS  REASON
+pass    open_close  hmm_device_private   sequence       3
+skip    open_close  hmm_device_coherent  sequence       1  no /dev/hmm_dmirror2
+fail    anon_read   hmm_device_private   range-lock  1234  killed by signal 6 (SIGABRT) [...]
 1 passed, 1 failed, 1 skipped
 ";
         assert_eq!(format_table(&results), want);

@@ -15,7 +15,7 @@ use crate::case::{Case, Fixture, Outcome, Variant};
 #[doc(hidden)]
 pub fn selftest_cases() -> Vec<Case> {
     type Body = fn(Variant) -> Outcome;
-    let bodies: [(&'static str, Body); 10] = [
+    let bodies: [(&'static str, Body); 11] = [
         ("harness_pass", pass),
         ("harness_fail_assert", fail_assert),
         ("harness_fail_outcome", fail_outcome),
@@ -26,6 +26,7 @@ pub fn selftest_cases() -> Vec<Case> {
         ("harness_exit", exit_early),
         ("harness_noisy", noisy),
         ("harness_grandchild", grandchild),
+        ("harness_strategy", strategy),
     ];
     bodies
         .into_iter()
@@ -96,6 +97,12 @@ fn noisy(_: Variant) -> Outcome {
     {
         return Outcome::fail("cannot write");
     }
+    Outcome::Pass
+}
+
+/// Prints the mirror strategy this process's devices are built with.
+fn strategy(_: Variant) -> Outcome {
+    println!("mirror strategy: {}", hmm::Strategy::from_env());
     Outcome::Pass
 }
 

@@ -1,8 +1,11 @@
-//! The ported kernel selftests, one libtest trial per case and variant,
-//! named `name::variant` (e.g. `anon_read::hmm_device_private`).
+//! The ported kernel selftests, one libtest trial per case, variant and
+//! mirror strategy: `name::variant` under the sequence strategy (e.g.
+//! `anon_read::hmm_device_private`), `name::variant::range_lock` under the
+//! range lock.
 //!
 //! Every trial runs its case in a child process of this binary (see
-//! `hmm_conformance::harness`), so `main` first gives the child its chance.
+//! `hmm_conformance::harness`), given its strategy through
+//! `HMM_MIRROR_STRATEGY`, so `main` first gives the child its chance.
 //! A skip is reported as `ignored` with its reason.
 //!
 //! `HMM_CONFORMANCE_TIMEOUT` (seconds) overrides the per-case timeout.
@@ -10,8 +13,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use hmm::Strategy;
 use hmm_conformance::{
-    Case, DEFAULT_TIMEOUT, ResultKind, cases, child_main_if_requested, run_isolated,
+    Case, DEFAULT_TIMEOUT, ResultKind, cases, child_main_if_requested, run_isolated_with,
 };
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
@@ -25,17 +29,31 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
-    let trials = cases()
+    let cases = cases();
+    let trials = Strategy::ALL
         .into_iter()
-        .map(|case| trial(case, timeout))
+        .flat_map(|strategy| {
+            cases
+                .iter()
+                .map(move |case| trial(*case, strategy, timeout))
+        })
         .collect();
     libtest_mimic::run(&args, trials).exit_code()
 }
 
-fn trial(case: Case, timeout: Duration) -> Trial {
-    let name = format!("{}::{}", case.name, case.variant_name());
-    Trial::ignorable_test(name, move || {
-        let r = run_isolated(&case, timeout);
+/// The trial's name: `name::variant`, and `::range_lock` under the range lock
+/// (the strategy's name, in a form that is one path segment).
+fn trial_name(case: &Case, strategy: Strategy) -> String {
+    let base = format!("{}::{}", case.name, case.variant_name());
+    match strategy {
+        Strategy::Sequence => base,
+        other => format!("{base}::{}", other.name().replace('-', "_")),
+    }
+}
+
+fn trial(case: Case, strategy: Strategy, timeout: Duration) -> Trial {
+    Trial::ignorable_test(trial_name(&case, strategy), move || {
+        let r = run_isolated_with(&case, timeout, strategy);
         let reason = r.reason.unwrap_or_default();
         match r.result {
             ResultKind::Pass => Ok(Completion::Completed),
