@@ -1,8 +1,9 @@
 //! `hmm`: the command line of the userspace HMM toolbox.
 //!
 //! - `hmm info [--json]`: what this machine's kernel offers the library;
-//! - `hmm selftest [--filter PATTERN] [--json]`: the ported kernel HMM
-//!   selftests, each in its own process.
+//! - `hmm selftest [--filter PATTERN] [--json] [--strategy WHICH]`: the
+//!   ported kernel HMM selftests, each in its own process, under the
+//!   mirror's sequence protocol, its range lock, or both.
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ enum Command {
         /// Per-case timeout in seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// The mirror strategies to run every case under.
+        #[arg(long, value_enum, default_value_t = selftest::Strategies::Both)]
+        strategy: selftest::Strategies,
     },
     /// Measure the library beside the raw kernel primitives, in the same run.
     Bench {
@@ -67,7 +71,8 @@ fn main() -> ExitCode {
             filter,
             json,
             timeout,
-        } => selftest::run(filter.as_deref(), json, timeout),
+            strategy,
+        } => selftest::run(filter.as_deref(), json, timeout, strategy),
         Command::Bench { which } => bench::run(which),
     };
     match res {
