@@ -798,7 +798,8 @@ pub(super) fn run(opts: StormOptions, progress: bool) -> BoxResult<Report> {
              with deadline {} ms, {}-page chunks, PFNs read; raw: MADV_POPULATE_WRITE of a range \
              no mirror covers) while one invalidator loops MADV_DONTNEED of a pseudo-random \
              sub-range of 1-{INVAL_MAX_PAGES} pages (the same sequence in every phase); every \
-             call timed",
+             call timed; the invalidator is not rate-limited, so the raw storm is denser (a \
+             mirrored MADV_DONTNEED waits for the service thread to read its event)",
             opts.threads,
             opts.deadline.as_millis(),
             MirrorOptions::default().chunk_pages
