@@ -45,105 +45,6 @@ const LOCAL_WRITE: u8 = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WR
 /// How long a test may take before [`Watchdog`] aborts the binary.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Aborts the process when the test that made it is still running after
-/// `limit`: a CPU fault that is never served, or a deadlock, would
-/// otherwise hang the whole binary with no word of which test it was. The
-/// message lists every thread with where the kernel has it waiting.
-struct Watchdog {
-    done: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn watchdog(what: &'static str, limit: Duration) -> Watchdog {
-    let (done, rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-            // Past libtest's capture, which an abort would lose.
-            let msg = format!(
-                "{what}: still running after {limit:?}, aborting. Threads:\n{}\
-                 Mappings registered with a userfaultfd (um: missing, uw: write-protect):\n{}",
-                thread_states(),
-                uffd_mappings()
-            );
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-            std::process::abort();
-        }
-    });
-    Watchdog {
-        done: Some(done),
-        thread: Some(thread),
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Every thread of the process: name, kernel wait channel, kernel stack.
-fn thread_states() -> String {
-    let mut out = String::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let p = t.path();
-        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
-        let stack: Vec<String> = read("stack")
-            .lines()
-            .take(6)
-            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
-            .collect();
-        out += &format!(
-            "  {} {} wchan={} [{}]\n",
-            t.file_name().to_string_lossy(),
-            read("comm").trim(),
-            read("wchan"),
-            stack.join(" < ")
-        );
-    }
-    out
-}
-
-/// The mappings of the process that a userfaultfd tracks, from `smaps`.
-fn uffd_mappings() -> String {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut out = String::new();
-    let mut head = "";
-    for line in smaps.lines() {
-        if line
-            .split_whitespace()
-            .next()
-            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
-        {
-            head = line;
-        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-            let uffd: Vec<&str> = flags
-                .split_whitespace()
-                .filter(|f| matches!(*f, "um" | "uw" | "ui"))
-                .collect();
-            if !uffd.is_empty() {
-                let range = head.split_whitespace().next().unwrap_or("");
-                let kib = range
-                    .split_once('-')
-                    .and_then(|(a, b)| {
-                        Some(
-                            (u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
-                                / 1024,
-                        )
-                    })
-                    .unwrap_or(0);
-                out += &format!("  {head} ({kib} KiB) {}\n", uffd.join(" "));
-            }
-        }
-    }
-    out
-}
-
 fn rw() -> Prot {
     Prot::READ | Prot::WRITE
 }
@@ -351,7 +252,7 @@ fn migrate_all(mm: &Mm, d: &Dmirror, m: &Mapping, what: &str) {
 
 #[test]
 fn migrate_then_cpu_reads_back() {
-    let _watchdog = watchdog("migrate_then_cpu_reads_back", LIMIT);
+    let _watchdog = common::watchdog("migrate_then_cpu_reads_back", LIMIT);
     for storage in FLAVOURS {
         let d = open(storage);
         let mm = Mm::get().expect("mm");
@@ -382,7 +283,7 @@ fn migrate_then_cpu_reads_back() {
 /// the page keeps its data; the other pages stay on the device.
 #[test]
 fn cpu_read_and_write_of_migrated_pages() {
-    let _watchdog = watchdog("cpu_read_and_write_of_migrated_pages", LIMIT);
+    let _watchdog = common::watchdog("cpu_read_and_write_of_migrated_pages", LIMIT);
     const TAG: u64 = 0xA1;
     let mut late = Late::default();
     for storage in FLAVOURS {
@@ -440,7 +341,7 @@ fn cpu_read_and_write_of_migrated_pages() {
 /// make the migration skip it and report `ENOENT`).
 #[test]
 fn a_page_the_cpu_brought_back_migrates_again_at_once() {
-    let _watchdog = watchdog("a_page_the_cpu_brought_back_migrates_again_at_once", LIMIT);
+    let _watchdog = common::watchdog("a_page_the_cpu_brought_back_migrates_again_at_once", LIMIT);
     const TAG: u64 = 0xAD;
     let mut late = Late::default();
     for storage in FLAVOURS {
@@ -485,7 +386,7 @@ fn a_page_the_cpu_brought_back_migrates_again_at_once() {
 /// the rest stays on the device and reads back.
 #[test]
 fn partial_munmap_frees_just_those_device_pages() {
-    let _watchdog = watchdog("partial_munmap_frees_just_those_device_pages", LIMIT);
+    let _watchdog = common::watchdog("partial_munmap_frees_just_those_device_pages", LIMIT);
     const TAG: u64 = 0xA2;
     for storage in FLAVOURS {
         let what = format!("{storage:?}");
@@ -571,7 +472,7 @@ fn wait_moved(mm: &Mm, old: VirtAddr, m: &Mapping, pages: &[DevicePage], what: &
 /// row); the data reads back at the new address.
 #[test]
 fn mremap_moves_device_pages() {
-    let _watchdog = watchdog("mremap_moves_device_pages", LIMIT);
+    let _watchdog = common::watchdog("mremap_moves_device_pages", LIMIT);
     const TAG: u64 = 0xA3;
     for storage in FLAVOURS {
         let what = format!("{storage:?}");
@@ -618,7 +519,7 @@ fn mremap_moves_device_pages() {
 /// the new address; the old range stays mapped and reads zeros.
 #[test]
 fn mremap_dontunmap_moves_device_pages_and_leaves_zeros() {
-    let _watchdog = watchdog(
+    let _watchdog = common::watchdog(
         "mremap_dontunmap_moves_device_pages_and_leaves_zeros",
         LIMIT,
     );
@@ -664,7 +565,7 @@ fn mremap_dontunmap_moves_device_pages_and_leaves_zeros() {
 /// a device mirrored it) migrates at its new address.
 #[test]
 fn migrate_after_mremap() {
-    let _watchdog = watchdog("migrate_after_mremap", LIMIT);
+    let _watchdog = common::watchdog("migrate_after_mremap", LIMIT);
     const TAG: u64 = 0xA5;
     for storage in FLAVOURS {
         for dontunmap in [false, true] {
@@ -709,7 +610,7 @@ fn migrate_after_mremap() {
 /// device, see zeros, and the device pages are freed.
 #[test]
 fn dontneed_discards_device_pages() {
-    let _watchdog = watchdog("dontneed_discards_device_pages", LIMIT);
+    let _watchdog = common::watchdog("dontneed_discards_device_pages", LIMIT);
     const TAG: u64 = 0xA6;
     for storage in FLAVOURS {
         let what = format!("{storage:?}");
@@ -761,7 +662,7 @@ fn dontneed_discards_device_pages() {
 /// them as nothing to the other device and as its own to the owner.
 #[test]
 fn a_device_faulting_another_devices_pages_migrates_them_back() {
-    let _watchdog = watchdog(
+    let _watchdog = common::watchdog(
         "a_device_faulting_another_devices_pages_migrates_them_back",
         LIMIT,
     );
@@ -835,7 +736,7 @@ fn a_device_faulting_another_devices_pages_migrates_them_back() {
 /// the original data, and no device page leaks.
 #[test]
 fn device_allocation_failure_leaves_the_data_in_system_memory() {
-    let _watchdog = watchdog(
+    let _watchdog = common::watchdog(
         "device_allocation_failure_leaves_the_data_in_system_memory",
         LIMIT,
     );
@@ -900,7 +801,7 @@ fn device_allocation_failure_leaves_the_data_in_system_memory() {
 /// use migrate them back to system memory first: the data is intact.
 #[test]
 fn releasing_the_device_memory_migrates_pages_back() {
-    let _watchdog = watchdog("releasing_the_device_memory_migrates_pages_back", LIMIT);
+    let _watchdog = common::watchdog("releasing_the_device_memory_migrates_pages_back", LIMIT);
     const TAG: u64 = 0xA9;
     const TAG2: u64 = 0xAA;
     for storage in FLAVOURS {
@@ -976,7 +877,7 @@ fn releasing_the_device_memory_migrates_pages_back() {
 /// read sees it, and so does the CPU after faulting the page back.
 #[test]
 fn device_access_through_device_page_entries() {
-    let _watchdog = watchdog("device_access_through_device_page_entries", LIMIT);
+    let _watchdog = common::watchdog("device_access_through_device_page_entries", LIMIT);
     const TAG: u64 = 0xAB;
     const NEW: u64 = 0xAC;
     let tag = |p: u64| if (1..3).contains(&p) { NEW } else { TAG };
@@ -1036,7 +937,7 @@ fn device_access_through_device_page_entries() {
 /// and remaps their range, for about a second per flavour.
 #[test]
 fn munmap_racing_device_access() {
-    let _watchdog = watchdog("munmap_racing_device_access", 2 * LIMIT);
+    let _watchdog = common::watchdog("munmap_racing_device_access", 2 * LIMIT);
     for storage in FLAVOURS {
         race::run(storage, Duration::from_secs(1));
     }
@@ -1790,7 +1691,7 @@ mod race {
 /// one by default (as dmirror), the rest of the aligned block when larger.
 #[test]
 fn a_cpu_fault_brings_back_the_devices_batch() {
-    let _watchdog = watchdog("a_cpu_fault_brings_back_the_devices_batch", LIMIT);
+    let _watchdog = common::watchdog("a_cpu_fault_brings_back_the_devices_batch", LIMIT);
     const TAG: u64 = 0xB7;
     for storage in FLAVOURS {
         let what = format!("{storage:?}");

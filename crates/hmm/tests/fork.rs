@@ -30,57 +30,9 @@ fn fork_and_release_scenarios() {
     fork_write_protects_private_ranges();
     an_unprivileged_user_is_told_how_to_enable_userfaultfd();
     for storage in [Storage::Device, Storage::Host] {
-        let _watchdog = Watchdog::new("the device-page fork scenarios");
+        let _watchdog = common::watchdog("the device-page fork scenarios", Duration::from_secs(60));
         a_fork_leaves_device_pages_usable(storage);
         device_private_pages_across_fork(storage);
-    }
-}
-
-/// Aborts the process when the scenario that made it is still running after
-/// 60 s: a CPU fault that is never served would otherwise hang the binary
-/// with no word of where. Prints every thread's kernel wait first.
-struct Watchdog {
-    done: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn new(what: &'static str) -> Watchdog {
-        let (done, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let limit = Duration::from_secs(60);
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                let mut threads = String::new();
-                for t in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
-                    let Ok(t) = t else { continue };
-                    let read = |f: &str| std::fs::read_to_string(t.path().join(f));
-                    threads += &format!(
-                        "  {} {} wchan={}\n",
-                        t.file_name().to_string_lossy(),
-                        read("comm").unwrap_or_default().trim(),
-                        read("wchan").unwrap_or_default()
-                    );
-                }
-                // Past libtest's capture, which an abort would lose.
-                let msg =
-                    format!("{what}: still running after {limit:?}, aborting. Threads:\n{threads}");
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-                std::process::abort();
-            }
-        });
-        Watchdog {
-            done: Some(done),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

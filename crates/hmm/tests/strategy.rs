@@ -12,6 +12,8 @@
 //! sequence. Entries are checked against `/proc/self/pagemap`, whose PFNs
 //! are real for root only: without root, only presence is compared.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -111,59 +113,12 @@ fn mapped_pages(mirror: &Mirror, range: VaRange) -> Vec<u64> {
         .collect()
 }
 
-/// Aborts the process when the test that made it is still running after
-/// `limit`: a fault that never returns would otherwise hang the binary with
-/// no word of where. Prints every thread's kernel wait first.
-struct Watchdog {
-    done: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn new(what: &'static str, limit: Duration) -> Watchdog {
-        let (done, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                let mut threads = String::new();
-                for t in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
-                    let Ok(t) = t else { continue };
-                    let read = |f: &str| std::fs::read_to_string(t.path().join(f));
-                    threads += &format!(
-                        "  {} {} wchan={}\n",
-                        t.file_name().to_string_lossy(),
-                        read("comm").unwrap_or_default().trim(),
-                        read("wchan").unwrap_or_default()
-                    );
-                }
-                // Past libtest's capture, which an abort would lose.
-                let msg =
-                    format!("{what}: still running after {limit:?}, aborting. Threads:\n{threads}");
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-                std::process::abort();
-            }
-        });
-        Watchdog {
-            done: Some(done),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Read faults, then write faults, of the same pages give both strategies
 /// the same table: the same pages, frames, write bits and orders, all as the
 /// CPU maps them.
 #[test]
 fn both_strategies_install_the_same_entries_on_a_quiet_range() {
-    let _watchdog = Watchdog::new("quiet range", Duration::from_secs(20));
+    let _watchdog = common::watchdog("quiet range", Duration::from_secs(20));
     let mm = Mm::get().expect("mm");
     // Pages 0..4 written (private, writable), 4..8 read (the zero page),
     // 8..12 untouched.
@@ -249,7 +204,7 @@ fn both_strategies_install_the_same_entries_on_a_quiet_range() {
 /// DONTNEED maps the new frames.
 #[test]
 fn an_invalidation_clears_the_entries_under_both_strategies() {
-    let _watchdog = Watchdog::new("invalidations", Duration::from_secs(20));
+    let _watchdog = common::watchdog("invalidations", Duration::from_secs(20));
     let mm = Mm::get().expect("mm");
     for strategy in Strategy::ALL {
         let m = small_pages(8);
@@ -427,7 +382,7 @@ fn stale_after(storm: &Storm, when: &str) -> Vec<String> {
 #[test]
 fn a_dontneed_storm_makes_no_range_lock_fault_give_up() {
     const LENGTH: Duration = Duration::from_secs(1);
-    let _watchdog = Watchdog::new("DONTNEED storm", Duration::from_secs(30));
+    let _watchdog = common::watchdog("DONTNEED storm", Duration::from_secs(30));
     let mm = Mm::get().expect("mm");
     let storm = storm(&mm, LENGTH);
     let stats = storm.mirrors.each_ref().map(Mirror::stats);
@@ -505,7 +460,7 @@ fn a_dontneed_storm_makes_no_range_lock_fault_give_up() {
 #[ignore = "known bug: a fault between a REMOVE event's handling and the zap it announces \
             installs frames that are then freed (both strategies)"]
 fn entries_match_the_cpu_right_after_a_dontneed_storm() {
-    let _watchdog = Watchdog::new("DONTNEED storms", Duration::from_secs(60));
+    let _watchdog = common::watchdog("DONTNEED storms", Duration::from_secs(60));
     let mm = Mm::get().expect("mm");
     for round in 0..8 {
         let storm = storm(&mm, Duration::from_millis(500));

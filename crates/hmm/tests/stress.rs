@@ -67,6 +67,8 @@
 //! - the program's own `mremap` of a whole mapping never failed: a device
 //!   mirroring part of it must not change what the program can do with it.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -684,54 +686,6 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-/// Aborts the process when a run is still going 60 s after it started: a
-/// device fault that never returns would otherwise hang the binary with no
-/// word of where. Prints every thread's kernel wait first.
-struct Watchdog {
-    done: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn new(what: String) -> Watchdog {
-        let (done, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let limit = Duration::from_secs(60);
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                let mut threads = String::new();
-                for t in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
-                    let Ok(t) = t else { continue };
-                    let read = |f: &str| std::fs::read_to_string(t.path().join(f));
-                    threads += &format!(
-                        "  {} {} wchan={}\n",
-                        t.file_name().to_string_lossy(),
-                        read("comm").unwrap_or_default().trim(),
-                        read("wchan").unwrap_or_default()
-                    );
-                }
-                // Past libtest's capture, which an abort would lose.
-                let msg =
-                    format!("{what}: still running after {limit:?}, aborting. Threads:\n{threads}");
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-                std::process::abort();
-            }
-        });
-        Watchdog {
-            done: Some(done),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Makes the per-strategy runs take turns (see the module docs).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -759,7 +713,7 @@ fn stress(strategy: Strategy) {
     eprintln!(
         "stress {strategy}: {run:?} of {secs} s, seed {seed} (HMM_STRESS_SECS, HMM_STRESS_SEED)"
     );
-    let _watchdog = Watchdog::new(format!("stress {strategy}"));
+    let _watchdog = common::watchdog(format!("stress {strategy}"), Duration::from_secs(60));
     let mm = Mm::get().expect("mm");
     let options = MirrorOptions {
         strategy,

@@ -103,3 +103,103 @@ pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Aborts the process when the test that made it is still running after
+/// `limit`: a CPU fault that is never served, or a deadlock, would
+/// otherwise hang the whole binary with no word of which test it was. The
+/// message lists every thread with where the kernel has it waiting.
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn watchdog(what: impl Into<String>, limit: Duration) -> Watchdog {
+    let what = what.into();
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            // Past libtest's capture, which an abort would lose.
+            let msg = format!(
+                "{what}: still running after {limit:?}, aborting. Threads:\n{}\
+                 Mappings registered with a userfaultfd (um: missing, uw: write-protect):\n{}",
+                thread_states(),
+                uffd_mappings()
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+            std::process::abort();
+        }
+    });
+    Watchdog {
+        done: Some(done),
+        thread: Some(thread),
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every thread of the process: name, kernel wait channel, kernel stack.
+fn thread_states() -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .take(6)
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+            .collect();
+        out += &format!(
+            "  {} {} wchan={} [{}]\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            stack.join(" < ")
+        );
+    }
+    out
+}
+
+/// The mappings of the process that a userfaultfd tracks, from `smaps`.
+fn uffd_mappings() -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut out = String::new();
+    let mut head = "";
+    for line in smaps.lines() {
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            head = line;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let uffd: Vec<&str> = flags
+                .split_whitespace()
+                .filter(|f| matches!(*f, "um" | "uw" | "ui"))
+                .collect();
+            if !uffd.is_empty() {
+                let range = head.split_whitespace().next().unwrap_or("");
+                let kib = range
+                    .split_once('-')
+                    .and_then(|(a, b)| {
+                        Some(
+                            (u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+                                / 1024,
+                        )
+                    })
+                    .unwrap_or(0);
+                out += &format!("  {head} ({kib} KiB) {}\n", uffd.join(" "));
+            }
+        }
+    }
+    out
+}
