@@ -79,6 +79,8 @@
 pub mod addr;
 #[cfg(not(loom))]
 pub mod devmem;
+#[cfg(not(loom))]
+pub(crate) mod doomed;
 pub mod error;
 #[cfg(not(loom))]
 pub mod exclusive;

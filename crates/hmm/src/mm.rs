@@ -211,6 +211,8 @@ pub(crate) struct MmCore {
     /// Private ranges whose pages may be shared copy-on-write with a child
     /// since a fork, so a present page there is not known to be writable.
     pub(crate) fork_shared: Mutex<RangeSet>,
+    /// Pages a `REMOVE` event announced and the kernel may not have zapped yet.
+    pub(crate) doomed: crate::doomed::Doomed,
     released: AtomicBool,
     stop: OwnedFd,
     service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
@@ -535,6 +537,7 @@ impl MmCore {
             removal_acks: (StdMutex::new(0), std::sync::Condvar::new()),
             mover,
             fork_shared: Mutex::new(RangeSet::new()),
+            doomed: crate::doomed::Doomed::default(),
             released: AtomicBool::new(false),
             stop,
             service: StdMutex::new(None),
@@ -969,6 +972,17 @@ impl MmCore {
                 Err(e) => {
                     warn!("service thread: read failed: {e}");
                     return;
+                }
+            }
+            // A REMOVE's zap follows its read: note what it is about to
+            // free before anything else, so that walks do not take it and a
+            // page zapped and faulted in again is rarely noted (see
+            // `crate::doomed`).
+            for m in &msgs {
+                if let Message::Remove { start, end } = *m
+                    && let Ok(r) = VaRange::new(start, end)
+                {
+                    self.doomed.record(&self.pagemap, r, self.zero_pfn);
                 }
             }
             // Only these events change what the waits on removal_acks look at.

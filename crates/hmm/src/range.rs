@@ -160,6 +160,8 @@ struct Walk<'r> {
     regions: Vec<Region>,
     entries: Vec<Entry>,
     nomem: u32,
+    /// A page about to be zapped was met (its fault waits for the zap).
+    doomed_seen: bool,
 }
 
 impl Walk<'_> {
@@ -235,6 +237,13 @@ impl Walk<'_> {
                 }
             }
         }
+        // Pages a pending zap is about to free read as absent.
+        let doomed = self.core.doomed.in_segment(
+            &self.core.pagemap,
+            seg,
+            self.want_pfns.then_some(&self.entries[..]),
+        );
+        let mut doomed = doomed.iter().peekable();
         // Device-private pages: absent for the CPU, in the device table.
         let device = self.core.dev.lock().device_pages_in(seg);
         let mut device = device.iter().peekable();
@@ -246,10 +255,17 @@ impl Walk<'_> {
             while regions.peek().is_some_and(|r| r.end <= addr) {
                 regions.next();
             }
+            while doomed.peek().is_some_and(|d| d.vpn < addr.page_index()) {
+                doomed.next();
+            }
+            let is_doomed = doomed.peek().is_some_and(|d| d.vpn == addr.page_index());
             let cats = regions
                 .peek()
-                .filter(|r| r.start <= addr)
+                .filter(|r| r.start <= addr && !is_doomed)
                 .map_or(Category::empty(), |r| r.categories);
+            if is_doomed {
+                self.doomed_seen = true;
+            }
             let entry = self.want_pfns.then(|| self.entries[j]);
             let shared = fork_shared.iter().any(|r| r.contains(addr));
             let mut cpu = cpu_flags_for(vma, cats, entry, shared);
@@ -387,6 +403,13 @@ fn walk_until_done(
         match walk.walk(last)? {
             Walked::Done => return Ok(()),
             Walked::Faulted(at) => {
+                if std::mem::take(&mut walk.doomed_seen) && at == last {
+                    // Faulting a doomed page does nothing until the zap
+                    // runs: let the thread that makes it have the CPU. Not
+                    // a stall: the note ends with the zap, or expires.
+                    std::thread::yield_now();
+                    continue;
+                }
                 stalled = if at == last { stalled + 1 } else { 0 };
                 if stalled >= MAX_STALLED_FAULTS {
                     return Err(Error::Busy);
@@ -449,6 +472,7 @@ impl Mm {
             regions: Vec::new(),
             entries: Vec::new(),
             nomem: 0,
+            doomed_seen: false,
         };
         let result = walk_until_done(&mut walk, notifier, seq, range.start());
         if result.is_err() {

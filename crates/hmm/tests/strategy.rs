@@ -449,16 +449,13 @@ fn a_dontneed_storm_makes_no_range_lock_fault_give_up() {
 }
 
 /// Right after a DONTNEED storm, with every event handled, each entry of
-/// either mirror maps what the CPU maps. Fails today, under both strategies,
-/// in about one 1 s storm out of four: `MADV_DONTNEED` zaps the pages only
+/// either mirror maps what the CPU maps. `MADV_DONTNEED` zaps the pages only
 /// after the service thread has read its `REMOVE` event, so the invalidation
-/// (clear, `set_seq`, and for the sequence protocol the end of the epoch;
-/// the range lock's invalidation guard) is over while the CPU still maps the
-/// old frames. A fault that walks in that window installs frames the zap then
-/// frees, and no later event clears them.
+/// is over while the CPU still maps the old frames; without the notes of
+/// doomed pages the service thread takes, a fault walking in that window
+/// installed frames the zap then freed (about one 0.5 s storm in four, both
+/// strategies).
 #[test]
-#[ignore = "known bug: a fault between a REMOVE event's handling and the zap it announces \
-            installs frames that are then freed (both strategies)"]
 fn entries_match_the_cpu_right_after_a_dontneed_storm() {
     let _watchdog = common::watchdog("DONTNEED storms", Duration::from_secs(60));
     let mm = Mm::get().expect("mm");

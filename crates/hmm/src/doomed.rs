@@ -1,0 +1,256 @@
+//! Pages a `MADV_DONTNEED` (or `MADV_REMOVE`, `MADV_FREE`) is about to zap.
+//!
+//! The kernel sends `UFFD_EVENT_REMOVE` *before* it zaps, and the `madvise`
+//! caller goes on to zap as soon as the event is read. The service thread
+//! runs the invalidation while it handles the event, so the invalidation can
+//! be over while the CPU still maps the old pages: a device walk in that
+//! window would read them, pass `read_retry` (or take its range lock without
+//! conflict) and install PFNs the kernel frees a moment later, with no event
+//! left to clear them. The kernel's own notifiers do not have this window
+//! (`invalidate_range_end` runs after the zap); userspace gets no signal
+//! when the zap is done.
+//!
+//! So the service thread notes, when it reads the event, which pages of the
+//! range are present and with what PFN ([`Doomed::record`]). A walk treats a
+//! page it finds still mapping its noted PFN as absent: it is doomed. A page
+//! found absent, or mapping another PFN, has been zapped, and its note is
+//! dropped. Notes expire after [`DOOMED_FOR`], long after any zap completes
+//! (the `madvise` caller needs only to be scheduled). Two imprecisions stay,
+//! both bounded by that time and both on the safe side: a page zapped and
+//! faulted in again *before* the note was taken is noted under its new PFN
+//! and reads as absent until the note expires or the page changes; a page
+//! faulted in again after the zap with the very frame it had is likewise
+//! taken for doomed. Zero-page mappings are never noted: that page is never
+//! freed.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::addr::{PAGE_SHIFT, VaRange, VirtAddr};
+use crate::os::pagemap::{Category, Entry, Pagemap, Region, ScanFilter};
+use crate::sync::Mutex;
+
+/// How long a note lasts.
+pub(crate) const DOOMED_FOR: Duration = Duration::from_millis(50);
+
+/// How many of the oldest notes each new one checks against the page table.
+const CHECK_ON_RECORD: usize = 8;
+
+/// One `REMOVE` event's present pages.
+#[derive(Debug)]
+struct Removal {
+    at: Instant,
+    range: VaRange,
+    /// Page index and the PFN it mapped when the event was read.
+    pages: Vec<(u64, u64)>,
+}
+
+/// The notes of every `REMOVE` whose zap may still be pending, oldest first.
+#[derive(Debug, Default)]
+pub(crate) struct Doomed {
+    list: Mutex<VecDeque<Removal>>,
+}
+
+/// A page of a walk's segment still mapping the PFN noted for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DoomedPage {
+    /// Page index.
+    pub(crate) vpn: u64,
+    /// The PFN it maps until the zap.
+    pub(crate) pfn: u64,
+}
+
+impl Doomed {
+    /// Notes the present pages of `range` (not the zero page), just after
+    /// its `REMOVE` event was read.
+    pub(crate) fn record(&self, pagemap: &Pagemap, range: VaRange, zero_pfn: u64) {
+        let pages = present_pfns(pagemap, range, zero_pfn);
+        let mut list = self.list.lock();
+        let now = Instant::now();
+        while list.front().is_some_and(|r| now - r.at > DOOMED_FOR) {
+            list.pop_front();
+        }
+        // Drop the pages of older notes that have been zapped since, so the
+        // list holds only zaps really in flight.
+        for r in list.iter_mut().take(CHECK_ON_RECORD) {
+            r.pages.retain(|&(vpn, pfn)| maps(pagemap, vpn, pfn));
+        }
+        list.retain(|r| !r.pages.is_empty());
+        if !pages.is_empty() {
+            list.push_back(Removal {
+                at: now,
+                range,
+                pages,
+            });
+        }
+    }
+
+    /// The noted pages of `seg` that still map their noted PFN, as read in
+    /// `entries` (one per page of `seg`, when the walk read them) or from
+    /// `pagemap`. Notes of pages found zapped are dropped.
+    pub(crate) fn in_segment(
+        &self,
+        pagemap: &Pagemap,
+        seg: VaRange,
+        entries: Option<&[Entry]>,
+    ) -> Vec<DoomedPage> {
+        let mut list = self.list.lock();
+        if list.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let (lo, hi) = (seg.start().page_index(), seg.end().page_index());
+        let mut out = Vec::new();
+        for r in list.iter_mut() {
+            if now - r.at > DOOMED_FOR || !r.range.overlaps(seg) {
+                continue;
+            }
+            r.pages.retain(|&(vpn, pfn)| {
+                if vpn < lo || vpn >= hi {
+                    return true;
+                }
+                let still = match entries {
+                    Some(e) => e
+                        .get((vpn - lo) as usize)
+                        .is_some_and(|e| e.present() && e.pfn() == pfn),
+                    None => maps(pagemap, vpn, pfn),
+                };
+                if still {
+                    out.push(DoomedPage { vpn, pfn });
+                }
+                still
+            });
+        }
+        list.retain(|r| !r.pages.is_empty() && now - r.at <= DOOMED_FOR);
+        out.sort_unstable_by_key(|d| d.vpn);
+        out.dedup_by_key(|d| d.vpn);
+        out
+    }
+
+    /// How many notes are kept (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.list.lock().len()
+    }
+}
+
+/// Whether page `vpn` is present and maps `pfn`.
+fn maps(pagemap: &Pagemap, vpn: u64, pfn: u64) -> bool {
+    let mut e = [Entry(0)];
+    let Ok(page) = VaRange::from_len(VirtAddr(vpn << PAGE_SHIFT), 1 << PAGE_SHIFT) else {
+        return false;
+    };
+    pagemap.read_entries(page, &mut e).is_ok() && e[0].present() && e[0].pfn() == pfn
+}
+
+/// The present pages of `range` with their PFNs, the zero page left out.
+fn present_pfns(pagemap: &Pagemap, range: VaRange, zero_pfn: u64) -> Vec<(u64, u64)> {
+    let filter = ScanFilter {
+        any_of: Category::PRESENT,
+        returned: Category::PRESENT | Category::PFNZERO,
+        ..Default::default()
+    };
+    let mut regions: Vec<Region> = Vec::new();
+    if pagemap.scan(range, &filter, &mut regions).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut entries = Vec::new();
+    for r in regions {
+        if r.categories.contains(Category::PFNZERO) {
+            continue;
+        }
+        let Ok(run) = VaRange::new(r.start, r.end) else {
+            continue;
+        };
+        entries.clear();
+        entries.resize(run.npages() as usize, Entry(0));
+        if pagemap.read_entries(run, &mut entries).is_err() {
+            continue;
+        }
+        let base = run.start().page_index();
+        for (k, e) in entries.iter().enumerate() {
+            if e.present() && e.pfn() != 0 && e.pfn() != zero_pfn {
+                out.push((base + k as u64, e.pfn()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PAGE_SIZE;
+    use crate::os::mm::{Mapping, Prot};
+
+    fn pfn_of(pagemap: &Pagemap, m: &Mapping, page: u64) -> u64 {
+        let mut e = [Entry(0)];
+        pagemap
+            .read_entries(m.pages(page, 1), &mut e)
+            .expect("pagemap");
+        e[0].pfn()
+    }
+
+    #[test]
+    fn a_noted_page_is_doomed_until_zapped_or_replaced() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        m.no_hugepage();
+        for p in 0..4 {
+            m.write_u64((p * PAGE_SIZE / 8) as usize, p + 1);
+        }
+        let doomed = Doomed::default();
+        // Page 3 stays absent: not noted.
+        crate::os::mm::dontneed(m.pages(3, 1)).expect("DONTNEED");
+        let pfns: Vec<u64> = (0..3).map(|p| pfn_of(&pagemap, &m, p)).collect();
+        doomed.record(&pagemap, m.range(), 0);
+        let seen = doomed.in_segment(&pagemap, m.range(), None);
+        let want: Vec<DoomedPage> = (0..3)
+            .map(|p| DoomedPage {
+                vpn: m.addr().page_index() + p,
+                pfn: pfns[p as usize],
+            })
+            .collect();
+        assert_eq!(seen, want, "the present pages, with their PFNs");
+        // The zap of page 0 happens: its note goes.
+        crate::os::mm::dontneed(m.pages(0, 1)).expect("DONTNEED");
+        let seen = doomed.in_segment(&pagemap, m.range(), None);
+        assert_eq!(seen, want[1..].to_vec(), "page 0 was zapped");
+        // Faulted in again after the zap: a new page, not doomed.
+        m.write_u64(0, 7);
+        assert!(
+            !doomed
+                .in_segment(&pagemap, m.pages(0, 1), None)
+                .iter()
+                .any(|d| d.vpn == m.addr().page_index()),
+            "a page faulted in after the zap is live"
+        );
+        // A segment elsewhere sees nothing; notes expire.
+        assert!(doomed.in_segment(&pagemap, m.pages(3, 1), None).is_empty());
+        std::thread::sleep(DOOMED_FOR + Duration::from_millis(5));
+        assert!(doomed.in_segment(&pagemap, m.range(), None).is_empty());
+        assert_eq!(doomed.len(), 0, "expired notes are dropped");
+    }
+
+    #[test]
+    fn entries_read_by_the_walk_are_used_and_the_zero_page_is_never_noted() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        let m = Mapping::anonymous(2 * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        m.no_hugepage();
+        m.write_u64(0, 1);
+        let _ = m.read_u64((PAGE_SIZE / 8) as usize); // the zero page
+        let zero = pfn_of(&pagemap, &m, 1);
+        let doomed = Doomed::default();
+        doomed.record(&pagemap, m.range(), zero);
+        let mut e = vec![Entry(0); 2];
+        pagemap.read_entries(m.range(), &mut e).expect("pagemap");
+        let seen = doomed.in_segment(&pagemap, m.range(), Some(&e));
+        assert_eq!(seen.len(), 1, "only the written page: {seen:?}");
+        assert_eq!(seen[0].vpn, m.addr().page_index());
+        // An entry showing the page absent drops the note.
+        e[0] = Entry(0);
+        assert!(doomed.in_segment(&pagemap, m.range(), Some(&e)).is_empty());
+        assert_eq!(doomed.len(), 0);
+    }
+}
