@@ -1347,12 +1347,15 @@ impl MmCore {
         if let Ok(r) = VaRange::from_len(page_at, (pages.len() as u64) << PAGE_SHIFT) {
             self.invalidate_range(r, Event::Migrate, None);
         }
-        // Installed without waking: the slots go first (and the pages are
-        // freed), so the woken thread never finds its page still listed as
-        // device memory.
+        // Installed without waking, and under the device table's lock until
+        // the slots are gone: the faulting thread may find the page present
+        // before it sleeps and go on at once, and then must not find it
+        // still listed as device memory.
         let n = pages.len() as u64;
+        let mut st = self.dev.lock();
         let installed = self.install_from_device(page_at, &pages, true);
         if let Err(e) = &installed {
+            drop(st);
             if !matches!(
                 e,
                 Error::Os {
@@ -1365,7 +1368,6 @@ impl MmCore {
             drop(pages);
         } else {
             let mut freed = Vec::new();
-            let mut st = self.dev.lock();
             for (k, p) in pages.iter().enumerate() {
                 let v = vpn + k as u64;
                 if matches!(st.slots.get(&v), Some(Slot::Device { page, .. }) if page.same_page(p))
