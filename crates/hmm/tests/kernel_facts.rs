@@ -889,3 +889,89 @@ fn procmap_query_page_size_shared_and_inode() {
     );
     assert!(!v.flags.contains(VmaFlags::SHARED));
 }
+
+/// The `VmFlags` of the `smaps` entry covering `addr`.
+fn smaps_vmflags(addr: VirtAddr) -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        let header = line
+            .split_once(' ')
+            .and_then(|(r, _)| r.split_once('-'))
+            .and_then(|(s, e)| {
+                Some((
+                    u64::from_str_radix(s, 16).ok()?,
+                    u64::from_str_radix(e, 16).ok()?,
+                ))
+            });
+        if let Some((s, e)) = header {
+            inside = s <= addr.get() && addr.get() < e;
+        } else if inside && let Some(v) = line.strip_prefix("VmFlags:") {
+            return v.trim().to_owned();
+        }
+    }
+    panic!("no smaps entry for {addr}");
+}
+
+/// Fact: `mremap(MAYMOVE|FIXED)` onto a destination registered with the same
+/// userfaultfd delivers the destination's `UNMAP` first, then `REMAP`, then
+/// (without `MREMAP_DONTUNMAP`) the `UNMAP` of the old range, which by then
+/// may hold another mapping: the kernel freed it before the events went out.
+/// With `MREMAP_DONTUNMAP` no `UNMAP` of the old range comes, and the old
+/// range stays registered.
+#[test]
+fn mremap_onto_a_registered_destination_event_order() {
+    let _g = exclusive();
+    for dontunmap in [true, false] {
+        let mut src = Mapping::anonymous(4 * PAGE_SIZE, RW).expect("mmap");
+        let dst = Mapping::anonymous(4 * PAGE_SIZE, RW).expect("mmap");
+        src.no_hugepage();
+        dst.no_hugepage();
+        src.write_u64(word(0, 0), 0xA11);
+        let uffd = open(Features::EVENT_REMAP | Features::EVENT_REMOVE | Features::EVENT_UNMAP);
+        uffd.register(src.range(), RegisterMode::WP)
+            .expect("register src");
+        uffd.register(dst.range(), RegisterMode::WP)
+            .expect("register dst");
+        let (old, new) = (src.range(), dst.range());
+        let h = thread::spawn(move || {
+            let kept = src.remap_onto(dst, dontunmap);
+            (src, kept)
+        });
+        let ((src, kept), msgs) = join_reading(&uffd, h);
+        // Closing the userfaultfd before anything is unmapped: an unmap of a
+        // registered range waits for its event to be read.
+        let old_flags = dontunmap.then(|| smaps_vmflags(old.start()));
+        drop(uffd);
+        let kept = kept.expect("mremap");
+        assert_eq!(src.range(), new, "the mapping moved onto the destination");
+        assert_eq!(src.read_u64(word(0, 0)), 0xA11, "the data moved along");
+        let mut want = vec![
+            Message::Unmap {
+                start: new.start(),
+                end: new.end(),
+            },
+            Message::Remap {
+                from: old.start(),
+                to: new.start(),
+                len: old.len(),
+            },
+        ];
+        if !dontunmap {
+            want.push(Message::Unmap {
+                start: old.start(),
+                end: old.end(),
+            });
+        }
+        assert_eq!(
+            format!("{msgs:?}"),
+            format!("{want:?}"),
+            "dontunmap {dontunmap}"
+        );
+        if let Some(flags) = old_flags {
+            eprintln!("MREMAP_DONTUNMAP: the old range's VmFlags: {flags}");
+        }
+        drop(kept);
+        drop(src);
+    }
+}

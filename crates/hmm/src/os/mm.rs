@@ -460,6 +460,27 @@ impl Mapping {
     /// # Errors
     /// The `Errno` of `mmap(2)` or `mremap(2)`.
     pub fn remap(&mut self, dontunmap: bool) -> Result<Option<Mapping>, Errno> {
+        let target = Self::map(
+            None,
+            self.range.len(),
+            PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.remap_onto(target, dontunmap)
+    }
+
+    /// [`Self::remap`] onto `target`, a mapping of the same length that the
+    /// move replaces.
+    ///
+    /// # Errors
+    /// `EINVAL` for a target of another length; the `Errno` of `mremap(2)`.
+    pub fn remap_onto(
+        &mut self,
+        target: Mapping,
+        dontunmap: bool,
+    ) -> Result<Option<Mapping>, Errno> {
         if !self
             .released
             .lock()
@@ -469,14 +490,9 @@ impl Mapping {
             // mremap needs the whole old range mapped.
             return Err(Errno::FAULT);
         }
-        let target = Self::map(
-            None,
-            self.range.len(),
-            PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )?;
+        if target.len() != self.range.len() {
+            return Err(Errno::INVAL);
+        }
         let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
         if dontunmap {
             flags |= libc::MREMAP_DONTUNMAP;
