@@ -100,6 +100,8 @@ pub mod range;
 pub mod rangelock;
 #[cfg(not(loom))]
 pub(crate) mod rangeset;
+#[cfg(not(loom))]
+pub(crate) mod remaplog;
 pub(crate) mod sync;
 #[cfg(not(loom))]
 pub mod testdev;

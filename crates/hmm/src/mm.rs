@@ -213,6 +213,8 @@ pub(crate) struct MmCore {
     pub(crate) fork_shared: Mutex<RangeSet>,
     /// Pages a `REMOVE` event announced and the kernel may not have zapped yet.
     pub(crate) doomed: crate::doomed::Doomed,
+    /// The recent `REMAP` events, against stale `UNMAP`s (service thread only).
+    remaps: Mutex<crate::remaplog::RemapLog>,
     released: AtomicBool,
     stop: OwnedFd,
     service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
@@ -538,6 +540,7 @@ impl MmCore {
             mover,
             fork_shared: Mutex::new(RangeSet::new()),
             doomed: crate::doomed::Doomed::default(),
+            remaps: Mutex::new(crate::remaplog::RemapLog::default()),
             released: AtomicBool::new(false),
             stop,
             service: StdMutex::new(None),
@@ -841,10 +844,15 @@ impl MmCore {
             Message::Unmap { start, end } => {
                 self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
                 self.invalidate(start, end, Event::Unmap);
-                if let Ok(r) = VaRange::new(start, end) {
-                    self.registered.lock().remove(r);
-                    self.fork_shared.lock().remove(r);
-                    let freed = self.dev.lock().discard(r, false);
+                let Ok(r) = VaRange::new(start, end) else {
+                    return;
+                };
+                // Not what a later mremap moved here (`crate::remaplog`).
+                let parts = self.remaps.lock().unmap(r, std::time::Instant::now());
+                for part in parts {
+                    self.registered.lock().remove(part);
+                    self.fork_shared.lock().remove(part);
+                    let freed = self.dev.lock().discard(part, false);
                     drop(freed);
                 }
             }
@@ -853,6 +861,9 @@ impl MmCore {
                 if let (Ok(old), Ok(new)) =
                     (VaRange::from_len(from, len), VaRange::from_len(to, len))
                 {
+                    self.remaps
+                        .lock()
+                        .remap(old, new, std::time::Instant::now());
                     let mut reg = self.registered.lock();
                     let moved = !reg.overlapping(old).is_empty();
                     reg.remove(old);
