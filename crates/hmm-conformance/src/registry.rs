@@ -49,6 +49,7 @@ pub fn cases() -> Vec<Case> {
         test_f!(hmm, compound),
         test_f!(hmm, exclusive),
         test_f!(hmm, exclusive_mprotect),
+        test_f!(hmm, exclusive_cow),
         test_f!(hmm, migrate_anon_huge_empty),
         test_f!(hmm, migrate_anon_huge_zero),
         test_f!(hmm, migrate_anon_huge_free),
@@ -73,7 +74,7 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), n, "duplicate case ids");
-        assert_eq!(n, 2 * 29);
+        assert_eq!(n, 2 * 30);
         assert_eq!(all[0].id(), "open_close/hmm_device_private");
         assert_eq!(all[1].id(), "open_close/hmm_device_coherent");
         assert!(ids.contains(&"snapshot/hmm2_device_private".to_owned()));

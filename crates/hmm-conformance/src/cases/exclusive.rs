@@ -1,5 +1,5 @@
-//! Exclusive (atomic) device access: `exclusive` and `exclusive_mprotect`
-//! of `hmm-tests.c` (tests 24 and 25).
+//! Exclusive (atomic) device access: `exclusive`, `exclusive_mprotect` and
+//! `exclusive_cow` of `hmm-tests.c` (tests 24 to 26).
 //!
 //! `HMM_DMIRROR_EXCLUSIVE` takes every page of the buffer from the CPU for
 //! the device's atomics (`make_device_exclusive`) and maps it in the device
@@ -8,7 +8,7 @@
 use hmm::Mm;
 use hmm::os::mm::{Mapping, Prot};
 
-use super::{assert_cmd, hmm_buffer_pages};
+use super::{assert_cmd, fork_child, hmm_buffer_pages};
 use crate::buffer::{Buffer, INTS_PER_PAGE, Request, hmm_dmirror_cmd, int};
 use crate::check::{Check, EPERM, OrFail, assert_each, assert_ret};
 use crate::fixture::Hmm;
@@ -43,28 +43,12 @@ fn exclusive_buffer(hmm: &Hmm) -> Check<(Buffer, u64)> {
 /// (`ASSERT_EQ(ptr[i]++, i)`); the first touch of each page faults and
 /// revokes the device's exclusive access. Then every `int` is `i + 1` and
 /// `HMM_DMIRROR_CHECK_EXCLUSIVE` finds no atomic entry left (0).
-///
-/// The C stops at the first `ptr[i]++` that read a wrong value; here every
-/// `int` is incremented and the first wrong one is reported with the count.
 pub(crate) fn exclusive(hmm: &Hmm) -> Check {
     let (mut buffer, npages) = exclusive_buffer(hmm)?;
     let n = buffer.ints();
 
     // Fault pages back to system memory and check them.
-    let post_increment = |i: usize| {
-        let old = buffer.ptr_int(i);
-        buffer.set_ptr_int(i, old.wrapping_add(1));
-        old
-    };
-    assert_each("ptr[i]++", 0..n, INTS_PER_PAGE, post_increment, int)?;
-
-    assert_each(
-        "ptr",
-        0..n,
-        INTS_PER_PAGE,
-        |i| buffer.ptr_int(i),
-        |i| int(i) + 1,
-    )?;
+    increment_and_check(&mut buffer, n)?;
 
     // Check atomic access revoked.
     let ret = hmm_dmirror_cmd(&hmm.fd, Request::CheckExclusive, &mut buffer, npages);
@@ -92,4 +76,41 @@ pub(crate) fn exclusive_mprotect(hmm: &Hmm) -> Check {
     // Simulate a device writing system memory.
     let ret = hmm_dmirror_cmd(&hmm.fd, Request::Write, &mut buffer, npages);
     assert_ret(Request::Write.name(), &ret, -EPERM)
+}
+
+/// Exclusive access survives `fork()` with correct copy-on-write.
+///
+/// After `HMM_DMIRROR_EXCLUSIVE` the process forks, and parent and child
+/// each read and increment every `int` (faulting the pages back) and then
+/// find `i + 1`: neither sees the other's increments.
+///
+/// Deviation: in the C both processes run on after `fork()` and the child
+/// ends with the test; here the child runs the checks and exits with their
+/// verdict, which the parent waits for (see `fork_child`), then the parent
+/// runs them.
+pub(crate) fn exclusive_cow(hmm: &Hmm) -> Check {
+    let (mut buffer, _) = exclusive_buffer(hmm)?;
+    let n = buffer.ints();
+    fork_child(|| increment_and_check(&mut buffer, n))?;
+    increment_and_check(&mut buffer, n)
+}
+
+/// `ASSERT_EQ(ptr[i]++, i)` over the buffer, then `ASSERT_EQ(ptr[i], i+1)`.
+///
+/// The C stops at the first `ptr[i]++` that read a wrong value; here every
+/// `int` is incremented and the first wrong one is reported with the count.
+fn increment_and_check(buffer: &mut Buffer, n: usize) -> Check {
+    let post_increment = |i: usize| {
+        let old = buffer.ptr_int(i);
+        buffer.set_ptr_int(i, old.wrapping_add(1));
+        old
+    };
+    assert_each("ptr[i]++", 0..n, INTS_PER_PAGE, post_increment, int)?;
+    assert_each(
+        "ptr",
+        0..n,
+        INTS_PER_PAGE,
+        |i| buffer.ptr_int(i),
+        |i| int(i) + 1,
+    )
 }

@@ -41,7 +41,7 @@ pub(crate) use anon::{
     anon_read, anon_read_multiple, anon_read_prot, anon_write, anon_write_child,
     anon_write_child_shared, anon_write_huge, anon_write_hugetlbfs, anon_write_prot,
 };
-pub(crate) use exclusive::{exclusive, exclusive_mprotect};
+pub(crate) use exclusive::{exclusive, exclusive_cow, exclusive_mprotect};
 pub(crate) use file::{file_read, file_write};
 pub(crate) use migrate::{
     migrate, migrate_anon_huge_empty, migrate_anon_huge_err, migrate_anon_huge_fault,
