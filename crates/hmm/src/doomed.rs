@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SHIFT, VaRange, VirtAddr};
+use crate::addr::VaRange;
 use crate::os::pagemap::{Category, Entry, Pagemap, Region, ScanFilter};
 use crate::sync::Mutex;
 
@@ -35,6 +35,9 @@ pub(crate) const DOOMED_FOR: Duration = Duration::from_millis(50);
 
 /// How many of the oldest notes each new one checks against the page table.
 const CHECK_ON_RECORD: usize = 8;
+
+/// Notes over more pages than this are left to expire rather than checked.
+const CHECK_PAGES_MAX: u64 = 4096;
 
 /// One `REMOVE` event's present pages.
 #[derive(Debug)]
@@ -71,9 +74,15 @@ impl Doomed {
             list.pop_front();
         }
         // Drop the pages of older notes that have been zapped since, so the
-        // list holds only zaps really in flight.
-        for r in list.iter_mut().take(CHECK_ON_RECORD) {
-            r.pages.retain(|&(vpn, pfn)| maps(pagemap, vpn, pfn));
+        // list holds only zaps really in flight (large notes just expire).
+        for r in list
+            .iter_mut()
+            .take(CHECK_ON_RECORD)
+            .filter(|r| r.range.npages() <= CHECK_PAGES_MAX)
+        {
+            let now = current(pagemap, r.range);
+            r.pages
+                .retain(|&(vpn, pfn)| still_maps(&now, r.range, vpn, pfn));
         }
         list.retain(|r| !r.pages.is_empty());
         if !pages.is_empty() {
@@ -101,20 +110,26 @@ impl Doomed {
         let now = Instant::now();
         let (lo, hi) = (seg.start().page_index(), seg.end().page_index());
         let mut out = Vec::new();
+        let mut read = Vec::new();
         for r in list.iter_mut() {
             if now - r.at > DOOMED_FOR || !r.range.overlaps(seg) {
                 continue;
             }
+            let e = match entries {
+                Some(e) => e,
+                None => {
+                    // The segment's entries, read once for every note.
+                    if read.is_empty() {
+                        read = current(pagemap, seg);
+                    }
+                    &read[..]
+                }
+            };
             r.pages.retain(|&(vpn, pfn)| {
                 if vpn < lo || vpn >= hi {
                     return true;
                 }
-                let still = match entries {
-                    Some(e) => e
-                        .get((vpn - lo) as usize)
-                        .is_some_and(|e| e.present() && e.pfn() == pfn),
-                    None => maps(pagemap, vpn, pfn),
-                };
+                let still = still_maps(e, seg, vpn, pfn);
                 if still {
                     out.push(DoomedPage { vpn, pfn });
                 }
@@ -134,13 +149,20 @@ impl Doomed {
     }
 }
 
-/// Whether page `vpn` is present and maps `pfn`.
-fn maps(pagemap: &Pagemap, vpn: u64, pfn: u64) -> bool {
-    let mut e = [Entry(0)];
-    let Ok(page) = VaRange::from_len(VirtAddr(vpn << PAGE_SHIFT), 1 << PAGE_SHIFT) else {
-        return false;
-    };
-    pagemap.read_entries(page, &mut e).is_ok() && e[0].present() && e[0].pfn() == pfn
+/// The pagemap entries of `range` now (all absent if they cannot be read).
+fn current(pagemap: &Pagemap, range: VaRange) -> Vec<Entry> {
+    let mut e = vec![Entry(0); range.npages() as usize];
+    if pagemap.read_entries(range, &mut e).is_err() {
+        e.fill(Entry(0));
+    }
+    e
+}
+
+/// Whether page `vpn` is present and maps `pfn`, in `entries` of `range`.
+fn still_maps(entries: &[Entry], range: VaRange, vpn: u64, pfn: u64) -> bool {
+    vpn.checked_sub(range.start().page_index())
+        .and_then(|i| entries.get(i as usize))
+        .is_some_and(|e| e.present() && e.pfn() == pfn)
 }
 
 /// The present pages of `range` with their PFNs, the zero page left out.
