@@ -809,6 +809,16 @@ fn pagemap_scan_loop_and_huge_category() {
 
 /// `AnonHugePages` (kB) of the VMA holding `addr`, from `/proc/self/smaps`.
 fn smaps_anon_huge_kb(addr: VirtAddr) -> u64 {
+    smaps_field(addr, "AnonHugePages:")
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("AnonHugePages value")
+}
+
+/// The value of the `smaps` line starting with `field` in the entry covering
+/// `addr`.
+fn smaps_field(addr: VirtAddr, field: &str) -> String {
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read smaps");
     let mut inside = false;
     for line in smaps.lines() {
@@ -823,16 +833,11 @@ fn smaps_anon_huge_kb(addr: VirtAddr) -> u64 {
             });
         if let Some((s, e)) = header {
             inside = s <= addr.get() && addr.get() < e;
-        } else if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
-            return v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .expect("AnonHugePages value");
+        } else if inside && let Some(v) = line.strip_prefix(field) {
+            return v.trim().to_owned();
         }
     }
-    panic!("no smaps entry with AnonHugePages for {addr}");
+    panic!("no smaps entry with {field} for {addr}");
 }
 
 /// Fact 9: `PROCMAP_QUERY` reports the hugetlb page size, the SHARED flag of
@@ -892,25 +897,7 @@ fn procmap_query_page_size_shared_and_inode() {
 
 /// The `VmFlags` of the `smaps` entry covering `addr`.
 fn smaps_vmflags(addr: VirtAddr) -> String {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read smaps");
-    let mut inside = false;
-    for line in smaps.lines() {
-        let header = line
-            .split_once(' ')
-            .and_then(|(r, _)| r.split_once('-'))
-            .and_then(|(s, e)| {
-                Some((
-                    u64::from_str_radix(s, 16).ok()?,
-                    u64::from_str_radix(e, 16).ok()?,
-                ))
-            });
-        if let Some((s, e)) = header {
-            inside = s <= addr.get() && addr.get() < e;
-        } else if inside && let Some(v) = line.strip_prefix("VmFlags:") {
-            return v.trim().to_owned();
-        }
-    }
-    panic!("no smaps entry for {addr}");
+    smaps_field(addr, "VmFlags:")
 }
 
 /// Fact: `mremap(MAYMOVE|FIXED)` onto a destination registered with the same
