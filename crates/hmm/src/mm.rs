@@ -18,6 +18,14 @@
 //! [`Event::ProtectionVma`] around its `mprotect`, and releasing the `Mm`
 //! sends [`Event::Release`].
 //!
+//! Two of those events do not describe the address space as it is when they
+//! are handled. A `REMOVE` comes *before* its zap, which runs once the event
+//! is read: the pages it is about to free are noted so that walks take them
+//! for absent meanwhile (`crate::doomed`). A moving `mremap`'s `UNMAP` of the
+//! old range comes after its `REMAP`, when another `mremap` may already have
+//! moved a mapping onto those addresses: `REMAP`s are logged and that
+//! `UNMAP` spares what a later one moved in (`crate::remaplog`).
+//!
 //! # Fork
 //! `fork` write-protects every private writable page for copy-on-write. The
 //! kernel brackets that with `invalidate_range_start/end(PROTECTION_PAGE)`;
