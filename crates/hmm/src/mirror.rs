@@ -295,9 +295,11 @@ impl Shared {
         if guard.is_none() && table.inflight.leave(r) {
             self.counters.deferred.fetch_add(1, Ordering::Relaxed);
         }
+        // Counted before the table is unlocked: whoever sees the entries
+        // gone sees the invalidation counted.
+        self.count_cleared(cleared);
         drop(table);
         drop(guard);
-        self.count_cleared(cleared);
         true
     }
 }
@@ -322,8 +324,8 @@ impl IntervalNotifierOps for Shared {
         };
         sub.set_seq(cur_seq);
         let cleared = table.clear(range.start, range.end);
-        drop(table);
         self.count_cleared(cleared);
+        drop(table);
         true
     }
 }
