@@ -800,23 +800,24 @@ impl MigrateVma {
         match &self.sources[i] {
             Source::Staged => {
                 let staged = self.staged_addr(i)?;
-                match (page.storage(), page.host_addr()) {
-                    (Storage::Host, Some(host)) => {
-                        self.core
-                            .mover()?
-                            .move_pages(host, staged, PAGE_SIZE, true, true)
-                            .map_err(|e| Error::os("UFFDIO_MOVE", e))?;
+                let moved = match (page.storage(), page.host_addr()) {
+                    // A huge page that cannot be split just now (EBUSY), or
+                    // anything else the move refuses, is copied instead.
+                    (Storage::Host, Some(host)) => self
+                        .core
+                        .mover()?
+                        .move_pages(host, staged, PAGE_SIZE, true, true)
+                        .is_ok(),
+                    _ => false,
+                };
+                if !moved {
+                    // The staging region is ours and nothing else touches
+                    // it: read it directly.
+                    let mut buf = [0u8; PAGE_SIZE as usize];
+                    if let Some(s) = &self.staging {
+                        s.copy_out((i as u64) << PAGE_SHIFT, &mut buf);
                     }
-                    _ => {
-                        // The staging region is ours and nothing else
-                        // touches it: read it directly.
-                        let mut buf = [0u8; PAGE_SIZE as usize];
-                        if let Some(s) = &self.staging {
-                            s.copy_out((i as u64) << PAGE_SHIFT, &mut buf);
-                        }
-                        let _ = staged;
-                        page.write(0, &buf)?;
-                    }
+                    page.write(0, &buf)?;
                 }
             }
             Source::Device(from) => {
