@@ -24,7 +24,8 @@
 //! Dropping the [`DevPagemap`] (`memunmap_pages`) first migrates every page
 //! still mapped by the process back to system memory, so no data is lost.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 use std::sync::{Arc, Weak};
 
@@ -130,7 +131,10 @@ pub(crate) struct PagemapInner {
     npages: u64,
     ops: Box<dyn PagemapOps>,
     pages: Vec<PageSlot>,
-    free: Mutex<Vec<u64>>,
+    /// Free page indices, lowest first out: pages freed together come back
+    /// in ascending runs, so a migration's pages sit side by side in device
+    /// memory and move back in one copy ([`with_device_run`]).
+    free: Mutex<BinaryHeap<Reverse<u64>>>,
     /// One page per device page ([`Storage::Device`]).
     device_mem: Option<Mutex<Vec<u8>>>,
     /// The host region ([`Storage::Host`]), registered with the mover
@@ -231,7 +235,7 @@ impl DevPagemap {
             npages,
             ops,
             pages: (0..npages).map(|_| PageSlot::default()).collect(),
-            free: Mutex::new((0..npages).rev().collect()),
+            free: Mutex::new((0..npages).map(Reverse).collect()),
             device_mem,
             host,
             fail_alloc: AtomicU64::new(0),
@@ -280,7 +284,7 @@ impl DevPagemap {
         {
             return Err(Error::NoMem);
         }
-        let index = self.inner.free.lock().pop().ok_or(Error::NoMem)?;
+        let Reverse(index) = self.inner.free.lock().pop().ok_or(Error::NoMem)?;
         let slot = &self.inner.pages[index as usize];
         slot.driver_data.store(0, Ordering::Relaxed);
         slot.refs.store(1, Ordering::Release);
@@ -469,8 +473,28 @@ impl Drop for DevicePage {
             let off = (self.index << PAGE_SHIFT) as usize;
             mem.lock()[off..off + PAGE_SIZE as usize].fill(0);
         }
-        self.pgmap.free.lock().push(self.index);
+        self.pgmap.free.lock().push(Reverse(self.index));
     }
+}
+
+/// Runs `f` on the device memory holding `pages` when they are consecutive
+/// pages of one [`Storage::Device`] pagemap, in order (the memory stays
+/// locked meanwhile); `None` otherwise.
+pub(crate) fn with_device_run<R>(pages: &[DevicePage], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    let first = pages.first()?;
+    let pgmap = &first.pgmap;
+    let mem = pgmap.device_mem.as_ref()?;
+    let consecutive = pages
+        .iter()
+        .enumerate()
+        .all(|(k, p)| Arc::ptr_eq(&p.pgmap, pgmap) && p.index == first.index + k as u64);
+    if !consecutive {
+        return None;
+    }
+    let off = (first.index << PAGE_SHIFT) as usize;
+    let len = pages.len() << PAGE_SHIFT;
+    let mem = mem.lock();
+    Some(f(&mem[off..off + len]))
 }
 
 impl PagemapInner {
@@ -480,5 +504,73 @@ impl PagemapInner {
 
     pub(crate) fn page_ref(&self, index: u64) -> PageRef<'_> {
         PageRef { pgmap: self, index }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoOps;
+
+    impl PagemapOps for NoOps {
+        fn page_free(&self, _: &PageRef<'_>) {}
+    }
+
+    fn pagemap(mm: &Mm, storage: Storage) -> DevPagemap {
+        DevPagemap::new(
+            mm,
+            MemoryType::Private,
+            8,
+            OwnerId::new(),
+            storage,
+            Box::new(NoOps),
+        )
+        .expect("pagemap")
+    }
+
+    #[test]
+    fn pages_freed_together_come_back_in_ascending_runs() {
+        let mm = Mm::get().expect("mm");
+        let p = pagemap(&mm, Storage::Device);
+        let first: Vec<DevicePage> = (0..4).map(|_| p.alloc_page().expect("alloc")).collect();
+        let idx = |v: &[DevicePage]| v.iter().map(DevicePage::index).collect::<Vec<_>>();
+        assert_eq!(idx(&first), [0, 1, 2, 3]);
+        drop(first);
+        let again: Vec<DevicePage> = (0..4).map(|_| p.alloc_page().expect("alloc")).collect();
+        assert_eq!(
+            idx(&again),
+            [0, 1, 2, 3],
+            "lowest first, not last freed first"
+        );
+    }
+
+    #[test]
+    fn a_run_is_consecutive_pages_of_one_device_memory() {
+        let mm = Mm::get().expect("mm");
+        let p = pagemap(&mm, Storage::Device);
+        let pages: Vec<DevicePage> = (0..4).map(|_| p.alloc_page().expect("alloc")).collect();
+        for (k, page) in pages.iter().enumerate() {
+            page.write(0, &[k as u8 + 1; 8]).expect("write");
+        }
+        let firsts = with_device_run(&pages[1..3], |mem| {
+            assert_eq!(mem.len(), 2 * PAGE_SIZE as usize);
+            [mem[0], mem[PAGE_SIZE as usize]]
+        });
+        assert_eq!(firsts, Some([2, 3]), "pages 1 and 2, in order");
+        let out_of_order = [pages[2].clone(), pages[1].clone()];
+        assert!(with_device_run(&out_of_order, |_| ()).is_none());
+        let gap = [pages[0].clone(), pages[2].clone()];
+        assert!(with_device_run(&gap, |_| ()).is_none());
+        let other = pagemap(&mm, Storage::Device);
+        let mixed = [pages[3].clone(), other.alloc_page().expect("alloc")];
+        assert!(with_device_run(&mixed, |_| ()).is_none(), "two pagemaps");
+        assert!(with_device_run(&[], |_| ()).is_none());
+        let host = pagemap(&mm, Storage::Host);
+        let h = [host.alloc_page().expect("alloc")];
+        assert!(
+            with_device_run(&h, |_| ()).is_none(),
+            "host storage has no device memory"
+        );
     }
 }

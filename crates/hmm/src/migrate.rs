@@ -1245,11 +1245,20 @@ impl MmCore {
                 }
             }
         } else {
-            let mut buf = vec![0u8; n << PAGE_SHIFT];
-            for (k, p) in pages.iter().enumerate() {
-                p.read(&mut buf[k << PAGE_SHIFT..(k + 1) << PAGE_SHIFT])?;
-            }
-            match self.uffd.copy(at, &buf, true) {
+            // Straight from device memory when the pages sit side by side
+            // there; through a bounce buffer otherwise.
+            let direct = crate::devmem::with_device_run(pages, |src| self.uffd.copy(at, src, true));
+            let res = match direct {
+                Some(res) => res,
+                None => {
+                    let mut buf = vec![0u8; n << PAGE_SHIFT];
+                    for (k, p) in pages.iter().enumerate() {
+                        p.read(&mut buf[k << PAGE_SHIFT..(k + 1) << PAGE_SHIFT])?;
+                    }
+                    self.uffd.copy(at, &buf, true)
+                }
+            };
+            match res {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(Error::os("UFFDIO_COPY", e)),
             }
