@@ -17,6 +17,7 @@
 use std::error::Error;
 use std::fmt::{self, Display};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Subcommand;
 use serde::Serialize;
@@ -439,6 +440,34 @@ impl CpuTicks {
         let busy = later.busy.saturating_sub(self.busy);
         let own = later.own.saturating_sub(self.own);
         busy.saturating_sub(own) as f64 / 100.0
+    }
+}
+
+/// The start of a benchmark run, for its closing noise note.
+#[derive(Clone, Copy, Debug)]
+pub struct RunStart {
+    wall: Instant,
+    ticks: Option<CpuTicks>,
+}
+
+impl RunStart {
+    /// Now.
+    pub fn now() -> RunStart {
+        RunStart {
+            wall: Instant::now(),
+            ticks: CpuTicks::now(),
+        }
+    }
+
+    /// "noise: other processes used … CPU-s during the … s run", when the
+    /// CPU times could be read at both ends.
+    pub fn noise_note(&self) -> Option<String> {
+        let (t0, t1) = (self.ticks?, CpuTicks::now()?);
+        Some(format!(
+            "noise: other processes used {:.2} CPU-s during the {:.1} s run",
+            t0.others_since(t1),
+            self.wall.elapsed().as_secs_f64()
+        ))
     }
 }
 

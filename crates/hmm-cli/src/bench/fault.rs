@@ -34,7 +34,7 @@ use hmm::os::uffd::{Features, Message, RegisterMode, Uffd};
 use hmm::{HmmPfn, HmmRange, IntervalNotifier, Mirror, MirrorOptions, Mm, PAGE_SIZE, VaRange};
 
 use super::{
-    BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, fresh, order2, pinned_mm,
+    BoxResult, Ctx, Pinned, Progress, Report, Row, RunStart, Target, fresh, order2, pinned_mm,
 };
 
 /// The CPU every thread of the benchmark runs on.
@@ -65,8 +65,7 @@ impl IntervalNotifierOps for SeqOnly {
 /// section, the snapshot over `size_mib` MiB.
 pub(super) fn run(reps: usize, size_mib: u64, progress: bool) -> BoxResult<Report> {
     let log = Progress(progress);
-    let wall = Instant::now();
-    let ticks = CpuTicks::now();
+    let run_start = RunStart::now();
     let Pinned { mm, placement, thp } = pinned_mm(CPU, "bare uffd monitor")?;
 
     let size = size_mib
@@ -118,13 +117,7 @@ pub(super) fn run(reps: usize, size_mib: u64, progress: bool) -> BoxResult<Repor
         ),
     ];
     notes.extend(inval_notes);
-    if let (Some(t0), Some(t1)) = (ticks, CpuTicks::now()) {
-        notes.push(format!(
-            "noise: other processes used {:.2} CPU-s during the {:.1} s run",
-            t0.others_since(t1),
-            wall.elapsed().as_secs_f64()
-        ));
-    }
+    notes.extend(run_start.noise_note());
     Ok(Report {
         bench: "fault",
         placement,

@@ -43,7 +43,7 @@ use hmm::os::uffd::{Features, Message, RegisterMode, Uffd};
 use hmm::testdev::{Device, Dmirror};
 use hmm::{MirrorOptions, Mm, PAGE_SIZE, VaRange, VirtAddr};
 
-use super::{BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, order2, pinned_mm};
+use super::{BoxResult, Ctx, Pinned, Progress, Report, Row, RunStart, Target, order2, pinned_mm};
 
 /// The CPU every thread of the benchmark runs on.
 const CPU: usize = 0;
@@ -741,8 +741,7 @@ fn cpu_access(b: &mut Bench, reps: usize) -> BoxResult<(Vec<Row>, Vec<String>)> 
 /// section (half, rounded up, for 256 MiB buffers and the scan).
 pub(super) fn run(reps: usize, progress: bool) -> BoxResult<Report> {
     let log = Progress(progress);
-    let wall = Instant::now();
-    let ticks = CpuTicks::now();
+    let run_start = RunStart::now();
     let Pinned {
         mm,
         placement,
@@ -869,13 +868,7 @@ pub(super) fn run(reps: usize, progress: bool) -> BoxResult<Report> {
             .to_string(),
     ];
     notes.extend(cpu_notes);
-    if let (Some(t0), Some(t1)) = (ticks, CpuTicks::now()) {
-        notes.push(format!(
-            "noise: other processes used {:.2} CPU-s during the {:.1} s run",
-            t0.others_since(t1),
-            wall.elapsed().as_secs_f64()
-        ));
-    }
+    notes.extend(run_start.noise_note());
     // The devices evict (nothing is left on them) before the Mm goes.
     drop(b);
     Ok(Report {

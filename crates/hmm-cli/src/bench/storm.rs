@@ -45,7 +45,7 @@ use hmm::rangelock::RangeLockStats;
 use hmm::{Mirror, MirrorOptions, Mm, PAGE_SIZE, Strategy, VaRange};
 
 use super::{
-    BoxResult, CpuTicks, Ctx, Pinned, Progress, Report, Row, Target, fresh, order2, pinned_mm,
+    BoxResult, Ctx, Pinned, Progress, Report, Row, RunStart, Target, fresh, order2, pinned_mm,
 };
 
 /// The CPU of the invalidator, the `Mm`'s service thread and the measuring
@@ -730,8 +730,7 @@ fn phase_line(strategy: Strategy, arm: Arm, p: &Phase, deadline: Duration) -> St
 /// Runs the benchmark: for each strategy, a mirrored and a raw phase.
 pub(super) fn run(opts: StormOptions, progress: bool) -> BoxResult<Report> {
     let log = Progress(progress);
-    let wall = Instant::now();
-    let ticks = CpuTicks::now();
+    let run_start = RunStart::now();
     // Counted before pinning: the count follows the calling thread's affinity.
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let Pinned { mm, placement, thp } = pinned_mm(CPU, "the invalidator thread")?;
@@ -821,13 +820,7 @@ pub(super) fn run(opts: StormOptions, progress: bool) -> BoxResult<Report> {
     ];
     notes.extend(phase_notes);
     notes.extend(row_notes);
-    if let (Some(t0), Some(t1)) = (ticks, CpuTicks::now()) {
-        notes.push(format!(
-            "noise: other processes used {:.2} CPU-s during the {:.1} s run",
-            t0.others_since(t1),
-            wall.elapsed().as_secs_f64()
-        ));
-    }
+    notes.extend(run_start.noise_note());
     Ok(Report {
         bench: "storm",
         placement,
