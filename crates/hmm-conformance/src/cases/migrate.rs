@@ -25,28 +25,12 @@ use crate::fixture::{Hmm, Hmm2, hmm_is_coherent_type};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 
-/// Migrate anonymous memory to device private memory.
-pub(crate) fn migrate(hmm: &Hmm) -> Check {
-    let (npages, size) = hmm_buffer_pages(hmm)?;
-    let ptr = Mapping::anonymous(size, RW).or_fail("mmap")?;
-    let mut buffer = Buffer::new(ptr, size);
-    let n = buffer.ints();
-
-    // Initialize buffer in system memory.
-    buffer.fill_ptr(0..n, int);
-
-    // Migrate memory to device.
-    let ret = hmm_migrate_sys_to_dev(&hmm.fd, &mut buffer, npages);
-    assert_cmd(Request::MigrateToDev, &ret, &buffer, npages, None)?;
-
-    // Check what the device read.
-    assert_each("mirror", 0..n, INTS_PER_PAGE, |i| buffer.mirror_int(i), int)
-}
-
-/// Migrate anonymous memory to device private memory and fault some of it
-/// back to system memory, then try migrating the resulting mix of system
-/// and device private memory to the device.
-pub(crate) fn migrate_fault(hmm: &Hmm) -> Check {
+/// The common start of `migrate`, `migrate_fault` and `migrate_release`: a
+/// private anonymous read-write buffer of `HMM_BUFFER_SIZE` holding `i`,
+/// migrated to the device (`ASSERT_EQ(ret, 0)`, `ASSERT_EQ(buffer->cpages,
+/// npages)`), and the check of what the device read. Returns the buffer
+/// and `npages`.
+fn migrated_buffer(hmm: &Hmm) -> Check<(Buffer, u64)> {
     let (npages, size) = hmm_buffer_pages(hmm)?;
     let ptr = Mapping::anonymous(size, RW).or_fail("mmap")?;
     let mut buffer = Buffer::new(ptr, size);
@@ -61,6 +45,20 @@ pub(crate) fn migrate_fault(hmm: &Hmm) -> Check {
 
     // Check what the device read.
     assert_each("mirror", 0..n, INTS_PER_PAGE, |i| buffer.mirror_int(i), int)?;
+    Ok((buffer, npages))
+}
+
+/// Migrate anonymous memory to device private memory.
+pub(crate) fn migrate(hmm: &Hmm) -> Check {
+    migrated_buffer(hmm).map(drop)
+}
+
+/// Migrate anonymous memory to device private memory and fault some of it
+/// back to system memory, then try migrating the resulting mix of system
+/// and device private memory to the device.
+pub(crate) fn migrate_fault(hmm: &Hmm) -> Check {
+    let (mut buffer, npages) = migrated_buffer(hmm)?;
+    let n = buffer.ints();
 
     // Fault half the pages back to system memory and check them.
     assert_each("ptr", 0..n / 2, INTS_PER_PAGE, |i| buffer.ptr_int(i), int)?;
@@ -82,20 +80,8 @@ pub(crate) fn migrate_fault(hmm: &Hmm) -> Check {
 /// Migrate anonymous memory to device memory, release the device's memory
 /// (which evicts it back to system memory), and read it with the CPU.
 pub(crate) fn migrate_release(hmm: &Hmm) -> Check {
-    let (npages, size) = hmm_buffer_pages(hmm)?;
-    let ptr = Mapping::anonymous(size, RW).or_fail("mmap")?;
-    let mut buffer = Buffer::new(ptr, size);
+    let (mut buffer, npages) = migrated_buffer(hmm)?;
     let n = buffer.ints();
-
-    // Initialize buffer in system memory.
-    buffer.fill_ptr(0..n, int);
-
-    // Migrate memory to device.
-    let ret = hmm_migrate_sys_to_dev(&hmm.fd, &mut buffer, npages);
-    assert_cmd(Request::MigrateToDev, &ret, &buffer, npages, None)?;
-
-    // Check what the device read.
-    assert_each("mirror", 0..n, INTS_PER_PAGE, |i| buffer.mirror_int(i), int)?;
 
     // Release device memory.
     let ret = hmm_dmirror_cmd(&hmm.fd, Request::Release, &mut buffer, npages);
