@@ -23,6 +23,8 @@
 
 mod common;
 
+use common::{WORDS, fill, pat};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,8 +39,6 @@ use hmm::{MirrorOptions, Mm, PAGE_SIZE, VirtAddr};
 const FLAVOURS: [Storage; 2] = [Storage::Device, Storage::Host];
 
 /// 64-bit words per page.
-const WORDS: usize = (PAGE_SIZE / 8) as usize;
-
 /// The snapshot byte of a page in the reporting device's own memory, writable.
 const LOCAL_WRITE: u8 = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE;
 
@@ -64,21 +64,6 @@ fn map(npages: u64) -> Mapping {
     let m = Mapping::anonymous(npages * PAGE_SIZE, rw()).expect("mmap");
     m.no_hugepage();
     m
-}
-
-/// Word `word` of page `page` of the data tagged `tag`: never zero, and
-/// different for every test, page and word.
-fn pat(tag: u64, page: u64, word: usize) -> u64 {
-    tag << 48 | page << 32 | 1 << 31 | word as u64
-}
-
-/// Writes the `tag` pattern into every page of `m` through the CPU.
-fn fill(m: &Mapping, tag: u64) {
-    for p in 0..m.len() / PAGE_SIZE {
-        for w in 0..WORDS {
-            m.write_u64(p as usize * WORDS + w, pat(tag, p, w));
-        }
-    }
 }
 
 /// The `tag` pattern of pages `[first, first + n)` as bytes, for device writes.

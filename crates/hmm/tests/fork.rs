@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Recorder, whole_space};
+use common::{Recorder, WORDS, fill, whole_space};
 use hmm::devmem::Storage;
 use hmm::notifier::Event;
 use hmm::os::mm::{Mapping, Prot, dontneed};
@@ -45,11 +45,7 @@ fn a_fork_leaves_device_pages_usable(storage: Storage) {
         .expect("open");
     let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
     m.no_hugepage();
-    for p in 0..4 {
-        for w in 0..WORDS {
-            m.write_u64(p * WORDS + w, pat(TAG, p, w));
-        }
-    }
+    fill(&m, TAG);
     d.migrate_to_dev(m.addr(), 4, None).expect("migrate");
     assert_eq!(fork_and_wait(|| 0).expect("fork"), ChildExit::Code(0));
     assert!(
@@ -62,11 +58,9 @@ fn a_fork_leaves_device_pages_usable(storage: Storage) {
 }
 
 /// Words per page.
-const WORDS: usize = (PAGE_SIZE / 8) as usize;
-
-/// Word `w` of page `p` of the data tagged `tag` (never zero).
+/// [`common::pat`] with the page as an index.
 fn pat(tag: u64, p: usize, w: usize) -> u64 {
-    tag << 48 | (p as u64) << 32 | 1 << 31 | w as u64
+    common::pat(tag, p as u64, w)
 }
 
 /// The first word of pages `pages` of `m` that is not `want(page, word)`.
@@ -124,11 +118,7 @@ fn device_private_pages_across_fork(storage: Storage) {
             .expect("open");
         let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
         m.no_hugepage();
-        for p in 0..4 {
-            for w in 0..WORDS {
-                m.write_u64(p * WORDS + w, pat(TAG, p, w));
-            }
-        }
+        fill(&m, TAG);
         let cmd = d.migrate_to_dev(m.addr(), 4, None).expect("migrate");
         assert_eq!(cmd.cpages, 4, "{storage:?}");
         let at = |p: usize| m.pages(p as u64, 1).start();

@@ -203,3 +203,21 @@ fn uffd_mappings() -> String {
     }
     out
 }
+
+/// 64-bit words per page.
+pub const WORDS: usize = (hmm::PAGE_SIZE / 8) as usize;
+
+/// Word `word` of page `page` of the data tagged `tag`: never zero, and
+/// different for every tag, page and word.
+pub fn pat(tag: u64, page: u64, word: usize) -> u64 {
+    tag << 48 | page << 32 | 1 << 31 | word as u64
+}
+
+/// Writes the `tag` pattern into every page of `m` through the CPU.
+pub fn fill(m: &hmm::os::mm::Mapping, tag: u64) {
+    for p in 0..m.len() / hmm::PAGE_SIZE {
+        for w in 0..WORDS {
+            m.write_u64(p as usize * WORDS + w, pat(tag, p, w));
+        }
+    }
+}
