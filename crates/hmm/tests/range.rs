@@ -34,16 +34,19 @@ fn snapshot_reports_each_page_state() {
     m.unmap_part(m.pages(5, 1)).expect("munmap");
 
     let mut pfns = vec![HmmPfn::empty(); 6];
-    // Another test may map something into the hole at page 5 at any time:
-    // take the snapshot again until the hole is still a hole afterwards.
+    // Another test may map something into the hole at page 5 at any time
+    // (and unmap it again): take the snapshot again until the hole was a
+    // hole both before and after it.
     let maps = hmm::os::procmap::ProcMaps::open().expect("maps");
-    for _ in 0..100 {
-        fault(&mm, &n, m.range(), HmmPfn::empty(), &mut pfns, true).expect("snapshot");
-        if maps
-            .query(m.pages(5, 1).start(), false)
+    let hole = || {
+        maps.query(m.pages(5, 1).start(), false)
             .expect("query")
             .is_none()
-        {
+    };
+    for _ in 0..100 {
+        let before = hole();
+        fault(&mm, &n, m.range(), HmmPfn::empty(), &mut pfns, true).expect("snapshot");
+        if before && hole() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
