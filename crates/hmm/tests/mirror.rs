@@ -130,7 +130,10 @@ fn a_fault_gives_up_at_the_deadline_when_the_range_stays_busy() {
         });
         let started = std::time::Instant::now();
         let mut busy = false;
-        for _ in 0..200 {
+        // Until a fault met the storm: on a loaded machine the invalidating
+        // thread may not run for a while.
+        while mirror.stats().retries == 0 && started.elapsed() < std::time::Duration::from_secs(10)
+        {
             match mirror.fault(m.range(), true) {
                 Err(Error::Busy) => {
                     busy = true;
@@ -142,7 +145,7 @@ fn a_fault_gives_up_at_the_deadline_when_the_range_stays_busy() {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if busy {
-            assert!(started.elapsed() >= deadline);
+            assert!(started.elapsed() >= deadline, "gave up before the deadline");
         }
         assert!(mirror.stats().retries > 0, "the storm made the fault retry");
     });
