@@ -304,6 +304,7 @@ extern "C" fn fork_parent() {
 
 /// After `fork` in the child: the parent's `Mm` is not ours; drop nothing of it.
 extern "C" fn fork_child() {
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
     HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
     if let Some((handle, _started)) = FORK_BRACKET.with(|b| b.borrow_mut().take()) {
         // Releasing it here would act on the parent's userfaultfd.
@@ -324,8 +325,21 @@ fn install_fork_handlers() {
     }
 }
 
+/// This process's id, or 0 before it is first asked for (and again in a
+/// forked child, whose handler clears it): `getpid` is a system call, and
+/// every call into an `Mm` checks the pid.
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn pid() -> u32 {
-    rustix::process::getpid().as_raw_nonzero().get() as u32
+    use std::sync::atomic::Ordering::Relaxed;
+    match PID.load(Relaxed) {
+        0 => {
+            let p = rustix::process::getpid().as_raw_nonzero().get() as u32;
+            PID.store(p, Relaxed);
+            p
+        }
+        p => p,
+    }
 }
 
 impl Mm {
