@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::mm::Mm;
 use crate::notifier::OwnerId;
 use crate::os::mm::Mapping;
-use crate::sync::{AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// The first PFN handed to device pagemaps: 2^40 frames is 4 PiB, past any
 /// physical address (x86_64 has at most 52 bits, 2^40 frames).
@@ -121,6 +121,14 @@ impl PageRef<'_> {
 struct PageSlot {
     refs: AtomicU64,
     driver_data: AtomicU64,
+    /// [`Storage::Host`]: the host page may hold data (it was moved or
+    /// written in and not moved out since), so freeing must discard it.
+    host_data: AtomicBool,
+    /// [`Storage::Device`]: the page's memory still holds the data of a
+    /// freed page. It is zeroed when first used, under the memory's lock,
+    /// unless the use overwrites all of it (freeing does not zero: most
+    /// pages are overwritten whole by their next migration).
+    stale: AtomicBool,
 }
 
 pub(crate) struct PagemapInner {
@@ -397,6 +405,33 @@ impl DevicePage {
         &self.pgmap.pages[self.index as usize]
     }
 
+    /// Zeroes the page in `mem` (its pagemap's device memory, locked) if it
+    /// still holds a freed page's data.
+    fn zero_if_stale(&self, mem: &mut [u8]) {
+        if self.slot().stale.swap(false, Ordering::AcqRel) {
+            let off = (self.index << PAGE_SHIFT) as usize;
+            mem[off..off + PAGE_SIZE as usize].fill(0);
+        }
+    }
+
+    /// Whether this page comes right after `prev` in the same pagemap, so
+    /// that their data sits side by side (in device memory or in the host
+    /// region) and moves in one call.
+    pub(crate) fn follows(&self, prev: &DevicePage) -> bool {
+        Arc::ptr_eq(&self.pgmap, &prev.pgmap) && self.index == prev.index + 1
+    }
+
+    /// Notes that the host page holds data now ([`Storage::Host`]).
+    pub(crate) fn note_host_filled(&self) {
+        self.slot().host_data.store(true, Ordering::Release);
+    }
+
+    /// Notes that the host page is about to be emptied by moving its data
+    /// out ([`Storage::Host`]); a failed move notes it filled again.
+    pub(crate) fn note_host_emptied(&self) {
+        self.slot().host_data.store(false, Ordering::Release);
+    }
+
     /// The host address of the page's storage ([`Storage::Host`] only).
     pub(crate) fn host_addr(&self) -> Option<VirtAddr> {
         let host = self.pgmap.host.as_ref()?;
@@ -411,7 +446,11 @@ impl DevicePage {
         let n = (PAGE_SIZE as usize).min(out.len());
         let off = (self.index << PAGE_SHIFT) as usize;
         match (&self.pgmap.device_mem, self.host_addr()) {
-            (Some(mem), _) => out[..n].copy_from_slice(&mem.lock()[off..off + n]),
+            (Some(mem), _) => {
+                let mut mem = mem.lock();
+                self.zero_if_stale(&mut mem);
+                out[..n].copy_from_slice(&mem[off..off + n]);
+            }
             (None, Some(addr)) => {
                 crate::os::process_vm::read(addr, &mut out[..n])
                     .map_err(|e| Error::os("process_vm_readv", e))?;
@@ -428,8 +467,13 @@ impl DevicePage {
         }
         let off = (self.index << PAGE_SHIFT) as usize + offset;
         match (&self.pgmap.device_mem, self.host_addr()) {
-            (Some(mem), _) => mem.lock()[off..off + data.len()].copy_from_slice(data),
+            (Some(mem), _) => {
+                let mut mem = mem.lock();
+                self.zero_if_stale(&mut mem);
+                mem[off..off + data.len()].copy_from_slice(data);
+            }
             (None, Some(addr)) => {
+                self.note_host_filled();
                 crate::os::process_vm::write(VirtAddr(addr.get() + offset as u64), data)
                     .map_err(|e| Error::os("process_vm_writev", e))?;
             }
@@ -463,15 +507,18 @@ impl Drop for DevicePage {
             index: self.index,
         };
         self.pgmap.ops.page_free(&r);
-        if let Some(host) = &self.pgmap.host {
-            // The data of a freed page must not show in the next one.
+        if let Some(host) = &self.pgmap.host
+            && self.slot().host_data.swap(false, Ordering::AcqRel)
+        {
+            // The data of a freed page must not show in the next one (a
+            // page whose data was moved out is a hole already).
             let at = VirtAddr(host.addr().get() + (self.index << PAGE_SHIFT));
             if let Ok(page) = crate::addr::VaRange::from_len(at, PAGE_SIZE) {
                 let _ = crate::os::mm::dontneed(page);
             }
-        } else if let Some(mem) = &self.pgmap.device_mem {
-            let off = (self.index << PAGE_SHIFT) as usize;
-            mem.lock()[off..off + PAGE_SIZE as usize].fill(0);
+        } else if self.pgmap.device_mem.is_some() {
+            // Zeroed when next used, if not overwritten whole.
+            self.slot().stale.store(true, Ordering::Release);
         }
         self.pgmap.free.lock().push(Reverse(self.index));
     }
@@ -493,8 +540,36 @@ pub(crate) fn with_device_run<R>(pages: &[DevicePage], f: impl FnOnce(&[u8]) -> 
     }
     let off = (first.index << PAGE_SHIFT) as usize;
     let len = pages.len() << PAGE_SHIFT;
-    let mem = mem.lock();
+    let mut mem = mem.lock();
+    for p in pages {
+        p.zero_if_stale(&mut mem);
+    }
     Some(f(&mem[off..off + len]))
+}
+
+/// Runs `f` to overwrite, whole, the device memory of `n` pages from
+/// `first` (pages `first.index()..first.index() + n` of its
+/// [`Storage::Device`] pagemap, whichever pages those are; the caller knows
+/// them for its own), with the memory locked; `None` for host storage or a
+/// run past the pagemap's end. `f` must write every byte: the pages are not
+/// zeroed first.
+pub(crate) fn overwrite_device_run<R>(
+    first: &DevicePage,
+    n: usize,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> Option<R> {
+    let pgmap = &first.pgmap;
+    let mem = pgmap.device_mem.as_ref()?;
+    if first.index.checked_add(n as u64)? > pgmap.npages {
+        return None;
+    }
+    let off = (first.index << PAGE_SHIFT) as usize;
+    let len = n << PAGE_SHIFT;
+    let mut mem = mem.lock();
+    for slot in &pgmap.pages[first.index as usize..first.index as usize + n] {
+        slot.stale.store(false, Ordering::Release);
+    }
+    Some(f(&mut mem[off..off + len]))
 }
 
 impl PagemapInner {
@@ -543,6 +618,39 @@ mod tests {
             [0, 1, 2, 3],
             "lowest first, not last freed first"
         );
+    }
+
+    #[test]
+    fn a_freed_pages_data_never_shows_in_the_next_allocation() {
+        let mm = Mm::get().expect("mm");
+        for storage in [Storage::Device, Storage::Host] {
+            let p = pagemap(&mm, storage);
+            let pages: Vec<DevicePage> = (0..3).map(|_| p.alloc_page().expect("alloc")).collect();
+            for page in &pages {
+                page.write(0, &[0xAB; PAGE_SIZE as usize]).expect("write");
+            }
+            drop(pages);
+            let again: Vec<DevicePage> = (0..3).map(|_| p.alloc_page().expect("alloc")).collect();
+            // Read whole; written in part; read as a run: zeros but what was written.
+            let mut buf = vec![0xFFu8; PAGE_SIZE as usize];
+            again[0].read(&mut buf).expect("read");
+            assert!(buf.iter().all(|&b| b == 0), "{storage:?}: a read of a reused page");
+            again[1].write(8, &[7; 8]).expect("write");
+            again[1].read(&mut buf).expect("read");
+            assert_eq!(&buf[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7]);
+            assert!(
+                buf[16..].iter().all(|&b| b == 0),
+                "{storage:?}: the rest of a page written in part"
+            );
+            if storage == Storage::Device {
+                let zeros = with_device_run(&again[2..], |mem| mem.iter().all(|&b| b == 0));
+                assert_eq!(zeros, Some(true), "a run read straight from device memory");
+                // A whole overwrite is not zeroed first, nor afterwards.
+                overwrite_device_run(&again[0], 1, |mem| mem.fill(5));
+                again[0].read(&mut buf).expect("read");
+                assert!(buf.iter().all(|&b| b == 5), "the overwrite stays");
+            }
+        }
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub(crate) mod remaplog;
 pub(crate) mod sync;
 #[cfg(not(loom))]
 pub mod testdev;
+#[cfg(not(loom))]
+mod vpnmap;
 
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, VaRange, VirtAddr};
 pub use error::{Error, Result};

@@ -36,7 +36,7 @@
 //! the mapping. A page isolated by a migration in progress is marked dead
 //! instead, and the migration drops it when it commits.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use bitflags::bitflags;
 use rustix::io::Errno;
@@ -51,6 +51,7 @@ use crate::os::mm::Mapping;
 use crate::os::pagemap::Entry;
 use crate::os::procmap::{Vma, VmaFlags};
 use crate::os::uffd::RegisterMode;
+use crate::vpnmap::VpnMap;
 
 /// `MIGRATE_PFN_VALID`: the entry holds a page.
 pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
@@ -136,13 +137,60 @@ pub(crate) enum Slot {
     },
 }
 
+/// Where each isolated entry of each migration in progress is now: page
+/// numbers by migration and entry index.
+#[derive(Debug, Default)]
+struct Inflight {
+    by_migration: HashMap<u64, Vec<u64>>,
+}
+
+/// An entry of [`Inflight`] not isolated (no page number is this large).
+const NOT_ISOLATED: u64 = u64::MAX;
+
+impl Inflight {
+    fn insert(&mut self, id: u64, i: usize, vpn: u64) {
+        let v = self.by_migration.entry(id).or_default();
+        if v.len() <= i {
+            v.resize(i + 1, NOT_ISOLATED);
+        }
+        v[i] = vpn;
+    }
+
+    fn get(&self, id: u64, i: usize) -> Option<u64> {
+        let vpn = *self.by_migration.get(&id)?.get(i)?;
+        (vpn != NOT_ISOLATED).then_some(vpn)
+    }
+
+    fn remove(&mut self, id: u64, i: usize) -> Option<u64> {
+        let slot = self.by_migration.get_mut(&id)?.get_mut(i)?;
+        let vpn = std::mem::replace(slot, NOT_ISOLATED);
+        (vpn != NOT_ISOLATED).then_some(vpn)
+    }
+
+    /// The isolated entries of migration `id`: `(index, page number)`.
+    fn of(&self, id: u64) -> Vec<(usize, u64)> {
+        self.by_migration.get(&id).map_or_else(Vec::new, |v| {
+            v.iter()
+                .enumerate()
+                .filter(|&(_, &vpn)| vpn != NOT_ISOLATED)
+                .map(|(i, &vpn)| (i, vpn))
+                .collect()
+        })
+    }
+
+    /// Migration `id` ended.
+    fn forget(&mut self, id: u64) {
+        self.by_migration.remove(&id);
+    }
+}
+
 /// The device table of an address space (the device-private swap entries).
 #[derive(Debug, Default)]
 pub(crate) struct DevState {
     /// By virtual page number.
-    slots: BTreeMap<u64, Slot>,
+    slots: VpnMap<Slot>,
     /// Where each isolated entry is now: `(migration, index)` → page number.
-    inflight: BTreeMap<(u64, usize), u64>,
+    inflight: Inflight,
     /// Faults that came while their page was isolated.
     parked: Vec<(u64, bool)>,
     next_id: u64,
@@ -162,7 +210,7 @@ impl DevState {
         let (lo, hi) = (range.start().page_index(), range.end().page_index());
         self.slots
             .range(lo..hi)
-            .filter_map(|(&k, s)| match s {
+            .filter_map(|(k, s)| match s {
                 Slot::Device { page, writable, .. } => {
                     Some((k - lo, page.pfn(), *writable, page.owner()))
                 }
@@ -179,13 +227,13 @@ impl DevState {
         let (lo, hi) = (range.start().page_index(), range.end().page_index());
         let all = (lo..hi).all(|v| {
             matches!(
-                self.slots.get(&v),
+                self.slots.get(v),
                 Some(Slot::Migrating { removing: true, .. })
             )
         });
         if all {
             for v in lo..hi {
-                if let Some(Slot::Migrating { removing, .. }) = self.slots.get_mut(&v) {
+                if let Some(Slot::Migrating { removing, .. }) = self.slots.get_mut(v) {
                     *removing = false;
                 }
             }
@@ -202,7 +250,7 @@ impl DevState {
         which: impl Fn(&DevicePage) -> bool,
     ) -> Vec<(u64, Vec<DevicePage>)> {
         let mut runs: Vec<(u64, Vec<DevicePage>)> = Vec::new();
-        for (&vpn, s) in self.slots.range(lo..hi) {
+        for (vpn, s) in self.slots.range(lo..hi) {
             let Slot::Device { page, .. } = s else {
                 continue;
             };
@@ -226,20 +274,20 @@ impl DevState {
 
     /// Removes the slot of virtual page `vpn`.
     pub(crate) fn take_slot(&mut self, vpn: u64) -> Option<Slot> {
-        self.slots.remove(&vpn)
+        self.slots.remove(vpn)
     }
 
     /// Removes the slot of `vpn` if it is an exclusive page.
     pub(crate) fn take_exclusive(&mut self, vpn: u64) -> Option<Slot> {
-        match self.slots.get(&vpn) {
-            Some(Slot::Exclusive { .. }) => self.slots.remove(&vpn),
+        match self.slots.get(vpn) {
+            Some(Slot::Exclusive { .. }) => self.slots.remove(vpn),
             _ => None,
         }
     }
 
     /// The holder address and owner of the exclusive page at `vpn`.
     pub(crate) fn exclusive(&self, vpn: u64) -> Option<(VirtAddr, OwnerId)> {
-        match self.slots.get(&vpn) {
+        match self.slots.get(vpn) {
             Some(Slot::Exclusive {
                 holder,
                 index,
@@ -257,13 +305,13 @@ impl DevState {
         self.slots
             .iter()
             .filter(|(_, s)| matches!(s, Slot::Exclusive { .. }))
-            .map(|(&k, _)| k)
+            .map(|(k, _)| k)
             .collect()
     }
 
     /// The device page at virtual page `vpn`, if any.
     pub(crate) fn device_page(&self, vpn: u64) -> Option<(&DevicePage, bool)> {
-        match self.slots.get(&vpn) {
+        match self.slots.get(vpn) {
             Some(Slot::Device { page, writable, .. }) => Some((page, *writable)),
             _ => None,
         }
@@ -274,10 +322,10 @@ impl DevState {
     /// Returns the device pages, to be dropped outside the lock.
     pub(crate) fn discard(&mut self, range: VaRange, remove: bool) -> Vec<Freed> {
         let (lo, hi) = (range.start().page_index(), range.end().page_index());
-        let keys: Vec<u64> = self.slots.range(lo..hi).map(|(&k, _)| k).collect();
+        let keys = self.slots.keys_in(lo..hi);
         let mut freed = Vec::new();
         for k in keys {
-            match self.slots.get_mut(&k) {
+            match self.slots.get_mut(k) {
                 Some(Slot::Migrating { dead, removing, .. }) => {
                     if !(remove && *removing) {
                         *dead = true;
@@ -287,7 +335,7 @@ impl DevState {
                 }
                 // The zap of a fork's shadow copy: the device keeps its page.
                 Some(Slot::Device { shadow, .. }) if remove && *shadow => *shadow = false,
-                Some(Slot::Device { .. } | Slot::Exclusive { .. }) => match self.slots.remove(&k) {
+                Some(Slot::Device { .. } | Slot::Exclusive { .. }) => match self.slots.remove(k) {
                     Some(Slot::Device { page, .. }) => freed.push(Freed::Page(page)),
                     Some(Slot::Exclusive { holder, index, .. }) => {
                         freed.push(Freed::Held(holder, index));
@@ -306,9 +354,9 @@ impl DevState {
         let (lo, n) = (from.page_index(), len >> PAGE_SHIFT);
         let dst = to.page_index();
         let moved: Vec<(u64, Slot)> = {
-            let keys: Vec<u64> = self.slots.range(lo..lo + n).map(|(&k, _)| k).collect();
+            let keys = self.slots.keys_in(lo..lo + n);
             keys.into_iter()
-                .filter_map(|k| self.slots.remove(&k).map(|s| (k, s)))
+                .filter_map(|k| self.slots.remove(k).map(|s| (k, s)))
                 .collect()
         };
         let mut freed = Vec::new();
@@ -318,7 +366,7 @@ impl DevState {
         for (k, s) in moved {
             let nk = dst + (k - lo);
             if let Slot::Migrating { id, index, .. } = &s {
-                self.inflight.insert((*id, *index), nk);
+                self.inflight.insert(*id, *index, nk);
             }
             self.slots.insert(nk, s);
         }
@@ -514,7 +562,7 @@ impl MigrateVma {
                 } else {
                     (Source::None, 0)
                 }
-            } else if st.slots.contains_key(&vpn) {
+            } else if st.slots.contains_key(vpn) {
                 // Isolated by another migration.
                 (Source::None, 0)
             } else if !flags.contains(MigrateSelect::SYSTEM) {
@@ -550,7 +598,7 @@ impl MigrateVma {
                         removing: false,
                     },
                 );
-                st.inflight.insert((self.id, i), vpn);
+                st.inflight.insert(self.id, i, vpn);
                 self.cpages += 1;
             }
             self.src[i] = src;
@@ -677,8 +725,8 @@ impl MigrateVma {
         (i..to)
             .take_while(|&k| {
                 let at = base + k as u64;
-                st.inflight.get(&(self.id, k)) == Some(&at)
-                    && matches!(st.slots.get(&at), Some(Slot::Migrating { dead: false, .. }))
+                st.inflight.get(self.id, k) == Some(at)
+                    && matches!(st.slots.get(at), Some(Slot::Migrating { dead: false, .. }))
             })
             .count()
     }
@@ -687,15 +735,10 @@ impl MigrateVma {
     /// (its page stays where the mremap put it) or an unmap killed it.
     fn untake(&mut self, i: usize) {
         let mut st = self.core.dev.lock();
-        let dead = st
-            .inflight
-            .get(&(self.id, i))
-            .is_some_and(|v| matches!(st.slots.get(v), Some(Slot::Migrating { dead: true, .. })));
-        if let Some(vpn) = st.inflight.remove(&(self.id, i)) {
-            st.slots.remove(&vpn);
+        if let Some(vpn) = st.inflight.remove(self.id, i) {
+            st.slots.remove(vpn);
         }
         drop(st);
-        let _ = dead;
         if self.src[i] & MIGRATE_PFN_MIGRATE != 0 {
             self.cpages -= 1;
         }
@@ -736,7 +779,7 @@ impl MigrateVma {
         {
             let mut st = core.dev.lock();
             for vpn in run.start().page_index()..run.end().page_index() {
-                if let Some(Slot::Migrating { removing, .. }) = st.slots.get_mut(&vpn) {
+                if let Some(Slot::Migrating { removing, .. }) = st.slots.get_mut(vpn) {
                     *removing = true;
                 }
             }
@@ -789,49 +832,115 @@ impl MigrateVma {
         }
     }
 
-    /// Gives entry `i` a device page as destination and copies (or, for a
-    /// device with host storage and a system source, moves) the data into it.
+    /// Gives entry `i` a device page as destination. The data is copied
+    /// (or, for a device with host storage and a system source, moved)
+    /// into it by [`MigrateVma::pages`], a run of side-by-side pages at a
+    /// time, before it commits.
     ///
     /// # Errors
     /// [`Error::Inval`] for an entry that does not migrate or after
-    /// [`MigrateVma::pages`]; [`Error::Os`] when the copy fails.
+    /// [`MigrateVma::pages`].
     pub fn set_dst(&mut self, i: usize, page: DevicePage) -> Result<()> {
         self.check_settable(i)?;
-        match &self.sources[i] {
-            Source::Staged => {
-                let staged = self.staged_addr(i)?;
-                let moved = match (page.storage(), page.host_addr()) {
-                    // A huge page that cannot be split just now (EBUSY), or
-                    // anything else the move refuses, is copied instead.
-                    (Storage::Host, Some(host)) => self
-                        .core
-                        .mover()?
-                        .move_pages(host, staged, PAGE_SIZE, true, true)
-                        .is_ok(),
-                    _ => false,
-                };
-                if !moved {
-                    // The staging region is ours and nothing else touches
-                    // it: read it directly.
-                    let mut buf = [0u8; PAGE_SIZE as usize];
-                    if let Some(s) = &self.staging {
-                        s.copy_out((i as u64) << PAGE_SHIFT, &mut buf);
-                    }
-                    page.write(0, &buf)?;
-                }
-            }
-            Source::Device(from) => {
-                let mut buf = vec![0u8; PAGE_SIZE as usize];
-                from.read(&mut buf)?;
-                page.write(0, &buf)?;
-            }
-            // A fresh device page is zeroed.
-            Source::Empty | Source::None => {}
-        }
         let writable = self.writable_vma;
         self.dst[i] = migrate_pfn(page.pfn()) | if writable { MIGRATE_PFN_WRITE } else { 0 };
         self.dests[i] = Dest::Device { page, writable };
         Ok(())
+    }
+
+    /// Places the data of every entry with a device destination in its
+    /// page: staged system pages a run at a time (entries side by side
+    /// whose destinations are side by side too), one `UFFDIO_MOVE` per run
+    /// into host storage or one copy per run into device memory; device
+    /// sources page by page; holes and zero pages not at all (a free device
+    /// page is zeroed). An entry whose data cannot be placed loses its
+    /// destination and does not migrate.
+    fn transfer(&mut self) {
+        let n = self.src.len();
+        let mut i = 0;
+        while i < n {
+            let Dest::Device { page, .. } = &self.dests[i] else {
+                i += 1;
+                continue;
+            };
+            if !matches!(self.sources[i], Source::Staged) {
+                if let Source::Device(from) = &self.sources[i] {
+                    let mut buf = vec![0u8; PAGE_SIZE as usize];
+                    if let Err(e) = from.read(&mut buf).and_then(|()| page.write(0, &buf)) {
+                        warn!("copying device page {:#x}: {e}", from.pfn());
+                        self.dests[i] = Dest::None;
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n
+                && matches!(self.sources[j], Source::Staged)
+                && matches!((&self.dests[j - 1], &self.dests[j]),
+                    (Dest::Device { page: a, .. }, Dest::Device { page: b, .. }) if b.follows(a))
+            {
+                j += 1;
+            }
+            self.transfer_run(i, j);
+            i = j;
+        }
+    }
+
+    /// Places the staged pages of entries `[from, to)`, whose destinations
+    /// are consecutive pages of one pagemap.
+    fn transfer_run(&mut self, from: usize, to: usize) {
+        let Some(staging) = &self.staging else {
+            return;
+        };
+        let Dest::Device { page: first, .. } = &self.dests[from] else {
+            return;
+        };
+        let off = (from as u64) << PAGE_SHIFT;
+        if first.storage() == Storage::Device {
+            // The staging region is ours and nothing else touches it: read
+            // it directly.
+            let copied = crate::devmem::overwrite_device_run(first, to - from, |mem| {
+                staging.copy_out(off, mem);
+            });
+            if copied.is_some() {
+                return;
+            }
+        }
+        let mover = self.core.mover().ok();
+        let mut k = from;
+        while k < to {
+            let Dest::Device { page, .. } = &self.dests[k] else {
+                return;
+            };
+            let staged = VirtAddr(staging.addr().get() + ((k as u64) << PAGE_SHIFT));
+            if let (Some(mover), Some(host)) = (mover, page.host_addr()) {
+                // Consecutive host pages: one move for the rest of the run.
+                for d in &self.dests[k..to] {
+                    if let Dest::Device { page, .. } = d {
+                        page.note_host_filled();
+                    }
+                }
+                let len = ((to - k) as u64) << PAGE_SHIFT;
+                let (moved, res) = mover.move_partial(host, staged, len, true, true);
+                k += (moved >> PAGE_SHIFT) as usize;
+                if res.is_ok() || k >= to {
+                    return;
+                }
+                // A huge page that cannot be split just now (EBUSY), or
+                // anything else the move refuses: copy this page.
+            }
+            let Dest::Device { page, .. } = &self.dests[k] else {
+                return;
+            };
+            let mut buf = [0u8; PAGE_SIZE as usize];
+            staging.copy_out((k as u64) << PAGE_SHIFT, &mut buf);
+            if let Err(e) = page.write(0, &buf) {
+                warn!("copying into device page {:#x}: {e}", page.pfn());
+                self.dests[k] = Dest::None;
+            }
+            k += 1;
+        }
     }
 
     /// Gives entry `i` system memory as destination (device → system).
@@ -876,6 +985,7 @@ impl MigrateVma {
             return;
         }
         self.committed = true;
+        self.transfer();
         let core = self.core.clone();
         let mut to_system = Vec::new();
         let mut freed = Vec::new();
@@ -885,11 +995,11 @@ impl MigrateVma {
                 if self.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                     continue;
                 }
-                let Some(&vpn) = st.inflight.get(&(self.id, i)) else {
+                let Some(vpn) = st.inflight.get(self.id, i) else {
                     self.src[i] &= !MIGRATE_PFN_MIGRATE;
                     continue;
                 };
-                let dead = matches!(st.slots.get(&vpn), Some(Slot::Migrating { dead: true, .. }));
+                let dead = matches!(st.slots.get(vpn), Some(Slot::Migrating { dead: true, .. }));
                 match std::mem::replace(&mut self.dests[i], Dest::None) {
                     Dest::None => self.src[i] &= !MIGRATE_PFN_MIGRATE,
                     Dest::Device { page, writable } => {
@@ -905,7 +1015,7 @@ impl MigrateVma {
                                 shadow: false,
                             },
                         );
-                        st.inflight.remove(&(self.id, i));
+                        st.inflight.remove(self.id, i);
                     }
                     Dest::System => {
                         if !dead {
@@ -947,8 +1057,8 @@ impl MigrateVma {
             } else {
                 let mut st = core.dev.lock();
                 for &(i, vpn) in run {
-                    st.slots.remove(&vpn);
-                    st.inflight.remove(&(self.id, i));
+                    st.slots.remove(vpn);
+                    st.inflight.remove(self.id, i);
                 }
             }
             k = end;
@@ -972,13 +1082,8 @@ impl MigrateVma {
         let mut freed = Vec::new();
         {
             let mut st = core.dev.lock();
-            let mine: Vec<((u64, usize), u64)> = st
-                .inflight
-                .range((self.id, 0)..(self.id + 1, 0))
-                .map(|(&k, &v)| (k, v))
-                .collect();
-            for ((_, i), vpn) in mine {
-                let dead = matches!(st.slots.get(&vpn), Some(Slot::Migrating { dead: true, .. }));
+            for (i, vpn) in st.inflight.of(self.id) {
+                let dead = matches!(st.slots.get(vpn), Some(Slot::Migrating { dead: true, .. }));
                 self.src[i] &= !MIGRATE_PFN_MIGRATE;
                 if !dead && matches!(self.sources[i], Source::Staged) {
                     // Stays isolated until its page is back: a fault
@@ -986,8 +1091,8 @@ impl MigrateVma {
                     restore.push(i);
                     continue;
                 }
-                st.inflight.remove(&(self.id, i));
-                st.slots.remove(&vpn);
+                st.inflight.remove(self.id, i);
+                st.slots.remove(vpn);
                 match std::mem::replace(&mut self.sources[i], Source::None) {
                     Source::Device(page) if !dead => {
                         let writable = self.writable_vma;
@@ -1016,7 +1121,7 @@ impl MigrateVma {
             // it was unmapped or discarded meanwhile.
             let at = {
                 let st = core.dev.lock();
-                st.inflight.get(&(self.id, i)).copied().filter(|v| {
+                st.inflight.get(self.id, i).filter(|&v| {
                     !matches!(st.slots.get(v), Some(Slot::Migrating { dead: true, .. }))
                 })
             };
@@ -1026,11 +1131,15 @@ impl MigrateVma {
                 warn!("restoring {:#x}: {e}", vpn << PAGE_SHIFT);
             }
             let mut st = core.dev.lock();
-            if let Some(vpn) = st.inflight.remove(&(self.id, i)) {
-                st.slots.remove(&vpn);
+            if let Some(vpn) = st.inflight.remove(self.id, i) {
+                st.slots.remove(vpn);
             }
         }
-        let parked = std::mem::take(&mut core.dev.lock().parked);
+        let parked = {
+            let mut st = core.dev.lock();
+            st.inflight.forget(self.id);
+            std::mem::take(&mut st.parked)
+        };
         // Let the faults that waited run again: the page is back, or is a
         // device page now (and the retried fault migrates it back).
         for (vpn, write) in parked {
@@ -1109,6 +1218,21 @@ impl Mm {
         Ok(())
     }
 
+    /// [`Mm::device_page_now`] for every page of `range`, under one hold
+    /// of the table's lock: entry `k` is page `k`'s device page, if any.
+    pub(crate) fn device_pages_now(&self, range: VaRange) -> Result<Vec<Option<DevicePage>>> {
+        let core = self.core()?;
+        let (lo, hi) = (range.start().page_index(), range.end().page_index());
+        let mut out: Vec<Option<DevicePage>> = (lo..hi).map(|_| None).collect();
+        let st = core.dev.lock();
+        for (vpn, s) in st.slots.range(lo..hi) {
+            if let Slot::Device { page, .. } = s {
+                out[(vpn - lo) as usize] = Some(page.clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// [`Mm::device_page_at`] as the table says now, without waiting: for
     /// a device under its page-table lock.
     pub(crate) fn device_page_now(&self, addr: VirtAddr) -> Result<Option<DevicePage>> {
@@ -1168,9 +1292,9 @@ impl MmCore {
             let mut st = self.dev.lock();
             for (k, p) in pages.iter().enumerate() {
                 let vpn = first + k as u64;
-                if matches!(st.slots.get(&vpn), Some(Slot::Device { page, .. }) if page.same_page(p))
+                if matches!(st.slots.get(vpn), Some(Slot::Device { page, .. }) if page.same_page(p))
                 {
-                    freed.extend(st.slots.remove(&vpn));
+                    freed.extend(st.slots.remove(vpn));
                     moved += 1;
                 }
             }
@@ -1222,27 +1346,15 @@ impl MmCore {
         let n = pages.len();
         let host = pages.iter().all(|p| p.host_addr().is_some());
         if host {
-            for (k, p) in pages.iter().enumerate() {
-                let dst = VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT));
-                let Some(src) = p.host_addr() else { continue };
-                let res = match self.uffd.move_pages(dst, src, PAGE_SIZE, true, false) {
-                    // An empty host page (never written): zeros.
-                    Err(Errno::NOENT) => {
-                        self.uffd.zeropage(VaRange::from_len(dst, PAGE_SIZE)?, true)
-                    }
-                    // A VMA without write permission, or a page the move
-                    // refuses (shared copy-on-write): copy instead.
-                    Err(Errno::INVAL | Errno::BUSY) => {
-                        let mut buf = vec![0u8; PAGE_SIZE as usize];
-                        p.read(&mut buf)?;
-                        self.uffd.copy(dst, &buf, true)
-                    }
-                    other => other.map(|_| ()),
-                };
-                match res {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(Error::os("UFFDIO_MOVE", e)),
+            let mut k = 0;
+            while k < n {
+                // Pages side by side in the host region move in one call.
+                let mut end = k + 1;
+                while end < n && pages[end].follows(&pages[end - 1]) {
+                    end += 1;
                 }
+                self.move_host_run(VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)), &pages[k..end])?;
+                k = end;
             }
         } else {
             // Straight from device memory when the pages sit side by side
@@ -1270,13 +1382,67 @@ impl MmCore {
         Ok(())
     }
 
+    /// Moves the data of `pages`, consecutive pages of one host-storage
+    /// pagemap, to the absent CPU pages from `at`: one `UFFDIO_MOVE` for
+    /// the run, continued past a page it refuses, which is handled alone.
+    fn move_host_run(&self, at: VirtAddr, pages: &[DevicePage]) -> Result<()> {
+        let mut k = 0;
+        while k < pages.len() {
+            let Some(src) = pages[k].host_addr() else {
+                return Err(Error::Inval("a host-storage run without host pages"));
+            };
+            let dst = VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT));
+            for p in &pages[k..] {
+                p.note_host_emptied();
+            }
+            let len = ((pages.len() - k) as u64) << PAGE_SHIFT;
+            let (moved, res) = self.uffd.move_partial(dst, src, len, true, false);
+            k += (moved >> PAGE_SHIFT) as usize;
+            let Err(e) = res else {
+                return Ok(());
+            };
+            // The move stopped at page `k`: it is still in the host region.
+            let (p, dst) = (&pages[k], VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)));
+            let res = match e {
+                // An empty host page (never written): zeros.
+                Errno::NOENT => self.uffd.zeropage(VaRange::from_len(dst, PAGE_SIZE)?, true),
+                // Already there (the fault was resolved): the data stays
+                // in the host page, to be discarded when it is freed.
+                Errno::EXIST => {
+                    p.note_host_filled();
+                    Ok(())
+                }
+                // A VMA without write permission, or a page the move
+                // refuses (shared copy-on-write): copy instead.
+                Errno::INVAL | Errno::BUSY => {
+                    p.note_host_filled();
+                    let mut buf = vec![0u8; PAGE_SIZE as usize];
+                    p.read(&mut buf)?;
+                    self.uffd.copy(dst, &buf, true)
+                }
+                other => {
+                    for p in &pages[k..] {
+                        p.note_host_filled();
+                    }
+                    Err(other)
+                }
+            };
+            match res {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(Error::os("UFFDIO_MOVE", e)),
+            }
+            k += 1;
+        }
+        Ok(())
+    }
+
     /// The service thread's answer to a MISSING fault at `addr`.
     pub(crate) fn handle_missing(&self, addr: VirtAddr, write: bool) {
         let page_at = addr.page_down();
         let vpn = page_at.page_index();
         let batch: Option<Vec<DevicePage>> = {
             let mut st = self.dev.lock();
-            match st.slots.get(&vpn) {
+            match st.slots.get(vpn) {
                 Some(Slot::Migrating { .. }) => {
                     st.parked.push((vpn, write));
                     return;
@@ -1290,7 +1456,7 @@ impl MmCore {
                         Ok(n) => {
                             let mut pages = Vec::new();
                             for k in 0..n.max(1) {
-                                match st.slots.get(&(vpn + k)) {
+                                match st.slots.get(vpn + k) {
                                     Some(Slot::Device { page, .. })
                                         if std::sync::Arc::ptr_eq(page.pagemap(), &pgmap) =>
                                     {
@@ -1380,9 +1546,9 @@ impl MmCore {
             let mut freed = Vec::new();
             for (k, p) in pages.iter().enumerate() {
                 let v = vpn + k as u64;
-                if matches!(st.slots.get(&v), Some(Slot::Device { page, .. }) if page.same_page(p))
+                if matches!(st.slots.get(v), Some(Slot::Device { page, .. }) if page.same_page(p))
                 {
-                    freed.extend(st.slots.remove(&v));
+                    freed.extend(st.slots.remove(v));
                 }
             }
             drop(st);
@@ -1494,7 +1660,7 @@ impl MmCore {
         let runs: Vec<(u64, u64)> = {
             let st = self.dev.lock();
             let mut runs: Vec<(u64, u64)> = Vec::new();
-            for (&vpn, s) in &st.slots {
+            for (vpn, s) in st.slots.iter() {
                 if !matches!(s, Slot::Device { shadow: true, .. }) {
                     continue;
                 }
@@ -1539,7 +1705,7 @@ impl MmCore {
     pub(crate) fn park_shadow_write(&self, addr: VirtAddr) -> bool {
         let vpn = addr.page_index();
         let mut st = self.dev.lock();
-        if matches!(st.slots.get(&vpn), Some(Slot::Device { shadow: true, .. })) {
+        if matches!(st.slots.get(vpn), Some(Slot::Device { shadow: true, .. })) {
             st.parked.push((vpn, true));
             true
         } else {

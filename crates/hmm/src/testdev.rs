@@ -641,10 +641,11 @@ impl Dmirror {
         mm.settle()?;
         let mut out = out;
         let t = self.mirror.lock();
-        for k in 0..range.npages() {
+        let pages = mm.device_pages_now(range)?;
+        for (k, page) in (0..range.npages()).zip(pages) {
             let va = VirtAddr(range.start().get() + (k << PAGE_SHIFT));
             let e = t.get(va).ok_or(Error::NoEnt)?;
-            let page = mm.device_page_now(va)?.ok_or(Error::NoEnt)?;
+            let page = page.ok_or(Error::NoEnt)?;
             if page.pfn() != e.pfn.0 || page.owner() != self.device.owner {
                 return Err(Error::NoEnt);
             }
