@@ -634,10 +634,16 @@ mod tests {
             // Read whole; written in part; read as a run: zeros but what was written.
             let mut buf = vec![0xFFu8; PAGE_SIZE as usize];
             again[0].read(&mut buf).expect("read");
-            assert!(buf.iter().all(|&b| b == 0), "{storage:?}: a read of a reused page");
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "{storage:?}: a read of a reused page"
+            );
             again[1].write(8, &[7; 8]).expect("write");
             again[1].read(&mut buf).expect("read");
-            assert_eq!(&buf[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7]);
+            assert_eq!(
+                &buf[..16],
+                &[0, 0, 0, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7]
+            );
             assert!(
                 buf[16..].iter().all(|&b| b == 0),
                 "{storage:?}: the rest of a page written in part"

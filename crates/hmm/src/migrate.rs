@@ -1353,7 +1353,10 @@ impl MmCore {
                 while end < n && pages[end].follows(&pages[end - 1]) {
                     end += 1;
                 }
-                self.move_host_run(VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)), &pages[k..end])?;
+                self.move_host_run(
+                    VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)),
+                    &pages[k..end],
+                )?;
                 k = end;
             }
         } else {
@@ -1546,8 +1549,7 @@ impl MmCore {
             let mut freed = Vec::new();
             for (k, p) in pages.iter().enumerate() {
                 let v = vpn + k as u64;
-                if matches!(st.slots.get(v), Some(Slot::Device { page, .. }) if page.same_page(p))
-                {
+                if matches!(st.slots.get(v), Some(Slot::Device { page, .. }) if page.same_page(p)) {
                     freed.extend(st.slots.remove(v));
                 }
             }

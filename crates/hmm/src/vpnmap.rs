@@ -102,7 +102,8 @@ impl<T> VpnMap<T> {
     pub(crate) fn range(&self, range: Range<u64>) -> impl Iterator<Item = (u64, &T)> + '_ {
         let Range { start, end } = range;
         let chunks = if start < end {
-            self.chunks.range(start >> CHUNK_SHIFT..=(end - 1) >> CHUNK_SHIFT)
+            self.chunks
+                .range(start >> CHUNK_SHIFT..=(end - 1) >> CHUNK_SHIFT)
         } else {
             // An empty range of chunks.
             self.chunks.range(1..1)
