@@ -148,6 +148,12 @@ struct Inflight {
 const NOT_ISOLATED: u64 = u64::MAX;
 
 impl Inflight {
+    /// Migration `id` isolated its entries: `vpns[i]` is entry `i`'s page
+    /// number, or [`NOT_ISOLATED`].
+    fn start(&mut self, id: u64, vpns: Vec<u64>) {
+        self.by_migration.insert(id, vpns);
+    }
+
     fn insert(&mut self, id: u64, i: usize, vpn: u64) {
         let v = self.by_migration.entry(id).or_default();
         if v.len() <= i {
@@ -547,6 +553,7 @@ impl MigrateVma {
         core.invalidate_range(range, Event::Migrate, self.owner);
         let mut st = core.dev.lock();
         let mut any_present = false;
+        let mut isolated = vec![NOT_ISOLATED; npages];
         for (i, e) in entries.iter().enumerate() {
             let vpn = base + i as u64;
             let dev = st.device_page(vpn).map(|(p, w)| (p.clone(), w));
@@ -598,12 +605,13 @@ impl MigrateVma {
                         removing: false,
                     },
                 );
-                st.inflight.insert(self.id, i, vpn);
+                isolated[i] = vpn;
                 self.cpages += 1;
             }
             self.src[i] = src;
             self.sources[i] = source;
         }
+        st.inflight.start(self.id, isolated);
         drop(st);
         drop(layout);
         // Take the system pages (and zero pages) out of the address space.

@@ -47,7 +47,7 @@
 //! invalidation waited for the snapshot to install and then cleared it
 //! (the seed's order), without anyone waiting.
 
-use std::collections::BTreeMap;
+use crate::vpnmap::VpnMap;
 use std::time::{Duration, Instant};
 
 use crate::addr::{PAGE_SHIFT, Pfn, TASK_SIZE, VaRange, VirtAddr};
@@ -182,7 +182,7 @@ pub struct MirrorStats {
 /// The device page table, reachable only under the mirror's lock.
 #[derive(Debug, Default)]
 pub struct Table {
-    entries: BTreeMap<u64, MirrorEntry>,
+    entries: VpnMap<MirrorEntry>,
     /// [`Strategy::RangeLock`]: the snapshots granted and not yet installed.
     inflight: Ledger,
 }
@@ -202,13 +202,13 @@ impl Drop for InFlightEnd<'_> {
 impl Table {
     /// The entry for the page holding `addr`.
     pub fn get(&self, addr: VirtAddr) -> Option<MirrorEntry> {
-        self.entries.get(&addr.page_index()).copied()
+        self.entries.get(addr.page_index()).copied()
     }
 
     /// Removes the entry for the page holding `addr` (a device-side zap, e.g.
     /// after an access found the page gone).
     pub fn remove(&mut self, addr: VirtAddr) -> Option<MirrorEntry> {
-        self.entries.remove(&addr.page_index())
+        self.entries.remove(addr.page_index())
     }
 
     /// Maps the page holding `addr` (a device installing what it owns, e.g.
@@ -224,21 +224,21 @@ impl Table {
 
     /// Whether nothing is mapped.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.len() == 0
     }
 
     /// The mapped pages in `range`, in order.
     pub fn entries_in(&self, range: VaRange) -> impl Iterator<Item = (VirtAddr, MirrorEntry)> + '_ {
         self.entries
             .range(range.start().page_index()..range.end().page_index())
-            .map(|(&p, &e)| (VirtAddr(p << PAGE_SHIFT), e))
+            .map(|(p, &e)| (VirtAddr(p << PAGE_SHIFT), e))
     }
 
     fn clear(&mut self, start: VirtAddr, end: VirtAddr) -> u64 {
         let first = start.page_index();
         let last = end.get().div_ceil(1 << PAGE_SHIFT);
-        let keys: Vec<u64> = self.entries.range(first..last).map(|(&k, _)| k).collect();
-        for k in &keys {
+        let keys = self.entries.keys_in(first..last);
+        for &k in &keys {
             self.entries.remove(k);
         }
         keys.len() as u64

@@ -36,12 +36,14 @@ impl<T> Chunk<T> {
 /// A map from page numbers to `T` (see the module documentation).
 pub(crate) struct VpnMap<T> {
     chunks: BTreeMap<u64, Chunk<T>>,
+    len: usize,
 }
 
 impl<T> Default for VpnMap<T> {
     fn default() -> Self {
         VpnMap {
             chunks: BTreeMap::new(),
+            len: 0,
         }
     }
 }
@@ -58,6 +60,11 @@ fn split(vpn: u64) -> (u64, usize) {
 }
 
 impl<T> VpnMap<T> {
+    /// Entries present.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// The entry of page `vpn`.
     pub(crate) fn get(&self, vpn: u64) -> Option<&T> {
         let (c, i) = split(vpn);
@@ -82,6 +89,7 @@ impl<T> VpnMap<T> {
         let old = chunk.slots[i].replace(value);
         if old.is_none() {
             chunk.len += 1;
+            self.len += 1;
         }
         old
     }
@@ -92,6 +100,7 @@ impl<T> VpnMap<T> {
         let chunk = self.chunks.get_mut(&c)?;
         let old = chunk.slots[i].take()?;
         chunk.len -= 1;
+        self.len -= 1;
         if chunk.len == 0 {
             self.chunks.remove(&c);
         }
@@ -190,7 +199,7 @@ mod tests {
                         prop_assert_eq!(got, want);
                     }
                 }
-                prop_assert_eq!(ours.iter().count(), model.len());
+                prop_assert_eq!(ours.len(), model.len());
             }
             let all: Vec<(u64, u32)> = ours.iter().map(|(k, v)| (k, *v)).collect();
             let want: Vec<(u64, u32)> = model.iter().map(|(k, v)| (*k, *v)).collect();
