@@ -139,13 +139,17 @@ impl Pagemap {
         filter: &ScanFilter,
         out: &mut Vec<Region>,
     ) -> Result<(), Errno> {
+        // A region is at least a page: a small range needs a small buffer
+        // (this one is zeroed on every call; 4096 regions is 96 KiB, more
+        // than the scan of a few pages costs).
+        let len = usize::try_from(range.npages()).map_or(SCAN_VEC_LEN, |n| n.min(SCAN_VEC_LEN));
         let mut vec = vec![
             g::page_region {
                 start: 0,
                 end: 0,
                 categories: 0
             };
-            SCAN_VEC_LEN
+            len.max(1)
         ];
         let end = range.end().get();
         let mut cur = range.start().get();
