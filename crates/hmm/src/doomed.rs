@@ -33,7 +33,10 @@ use crate::sync::Mutex;
 /// How long a note lasts.
 pub(crate) const DOOMED_FOR: Duration = Duration::from_millis(50);
 
-/// How many of the oldest notes each new one checks against the page table.
+/// A new note checks the older ones against the page table once this many
+/// are kept, and checks this many of them: a new note is taken on the
+/// service thread between an event's read and its invalidation, where every
+/// system call delays the device's coherence.
 const CHECK_ON_RECORD: usize = 8;
 
 /// Notes over more pages than this are left to expire rather than checked.
@@ -75,9 +78,14 @@ impl Doomed {
         }
         // Drop the pages of older notes that have been zapped since, so the
         // list holds only zaps really in flight (large notes just expire).
+        let check = if list.len() >= CHECK_ON_RECORD {
+            CHECK_ON_RECORD
+        } else {
+            0
+        };
         for r in list
             .iter_mut()
-            .take(CHECK_ON_RECORD)
+            .take(check)
             .filter(|r| r.range.npages() <= CHECK_PAGES_MAX)
         {
             let now = current(pagemap, r.range);
@@ -165,8 +173,23 @@ fn still_maps(entries: &[Entry], range: VaRange, vpn: u64, pfn: u64) -> bool {
         .is_some_and(|e| e.present() && e.pfn() == pfn)
 }
 
+/// Up to this many pages (one page of pagemap entries), the present pages
+/// of a range are found by reading its entries, not by a `PAGEMAP_SCAN`
+/// first.
+const DIRECT_READ_PAGES: u64 = 512;
+
 /// The present pages of `range` with their PFNs, the zero page left out.
 fn present_pfns(pagemap: &Pagemap, range: VaRange, zero_pfn: u64) -> Vec<(u64, u64)> {
+    if range.npages() <= DIRECT_READ_PAGES {
+        // Small: one read of its entries costs less than a scan first.
+        let base = range.start().page_index();
+        return current(pagemap, range)
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.present() && e.pfn() != 0 && e.pfn() != zero_pfn)
+            .map(|(k, e)| (base + k as u64, e.pfn()))
+            .collect();
+    }
     let filter = ScanFilter {
         any_of: Category::PRESENT,
         returned: Category::PRESENT | Category::PFNZERO,
@@ -253,6 +276,48 @@ mod tests {
         std::thread::sleep(DOOMED_FOR + Duration::from_millis(5));
         assert!(doomed.in_segment(&pagemap, m.range(), None).is_empty());
         assert_eq!(doomed.len(), 0, "expired notes are dropped");
+    }
+
+    #[test]
+    fn notes_of_zapped_pages_are_pruned_once_enough_are_kept() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        let m = Mapping::anonymous(16 * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        m.no_hugepage();
+        let doomed = Doomed::default();
+        for p in 0..CHECK_ON_RECORD as u64 {
+            m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
+            doomed.record(&pagemap, m.pages(p, 1), 0);
+            crate::os::mm::dontneed(m.pages(p, 1)).expect("DONTNEED");
+        }
+        assert_eq!(
+            doomed.len(),
+            CHECK_ON_RECORD,
+            "kept, unchecked, until this many"
+        );
+        let p = CHECK_ON_RECORD as u64;
+        m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
+        doomed.record(&pagemap, m.pages(p, 1), 0);
+        assert_eq!(doomed.len(), 1, "the zapped ones went; the new one stays");
+    }
+
+    #[test]
+    fn a_large_range_is_scanned_and_noted_like_a_small_one() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        let n = DIRECT_READ_PAGES + 88;
+        let m = Mapping::anonymous(n * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        m.no_hugepage();
+        let written = [0, 1, DIRECT_READ_PAGES - 1, DIRECT_READ_PAGES, n - 1];
+        for p in written {
+            m.write_u64((p * PAGE_SIZE / 8) as usize, p + 1);
+        }
+        let pages = present_pfns(&pagemap, m.range(), 0);
+        let want: Vec<(u64, u64)> = written
+            .iter()
+            .map(|&p| (m.addr().page_index() + p, pfn_of(&pagemap, &m, p)))
+            .collect();
+        assert_eq!(pages, want, "scanned");
+        let small = present_pfns(&pagemap, m.pages(0, 2), 0);
+        assert_eq!(small, want[..2].to_vec(), "read directly");
     }
 
     #[test]
