@@ -973,8 +973,10 @@ impl MmCore {
 
     fn service_loop(&self) {
         let mut msgs = Vec::with_capacity(16);
-        // Poll only when a read found nothing: under a stream of faults the
-        // next one is usually queued already (one system call less each).
+        // Poll only when the last read filled its buffer: under a stream of
+        // faults the next one is usually queued already (one system call
+        // less each), and a read that did not fill it drained the queue
+        // (one read that finds nothing less each).
         let mut idle = true;
         loop {
             if idle {
@@ -1001,7 +1003,7 @@ impl MmCore {
             // and so comes after the handling, never before it.
             let layout = self.layout.write();
             match self.uffd.read_messages(&mut msgs) {
-                Ok(n) => idle = n == 0,
+                Ok(n) => idle = n < crate::os::uffd::READ_BATCH,
                 Err(e) => {
                     warn!("service thread: read failed: {e}");
                     return;

@@ -203,6 +203,9 @@ fn handshake(fd: &OwnedFd, features: Features) -> Result<(Features, Ioctls), Err
     ))
 }
 
+/// The most messages [`Uffd::read_messages`] reads at once.
+pub const READ_BATCH: usize = 16;
+
 impl Uffd {
     /// Opens a userfaultfd (`O_CLOEXEC`, optionally `O_NONBLOCK`) and runs the
     /// `UFFDIO_API` handshake asking for `features`.
@@ -478,13 +481,13 @@ impl Uffd {
         Ok(())
     }
 
-    /// Reads the pending messages (up to 16) into `out`; returns how many were
+    /// Reads the pending messages (up to [`READ_BATCH`]) into `out`; returns how many were
     /// read. On a non-blocking descriptor with nothing pending, returns 0.
     ///
     /// # Errors
     /// The `Errno` of `read(2)`.
     pub fn read_messages(&self, out: &mut Vec<Message>) -> Result<usize, Errno> {
-        const N: usize = 16;
+        const N: usize = READ_BATCH;
         let mut raw = [g::uffd_msg {
             event: 0,
             reserved1: 0,
