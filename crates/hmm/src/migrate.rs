@@ -1353,6 +1353,9 @@ impl MmCore {
     ) -> Result<()> {
         let n = pages.len();
         let host = pages.iter().all(|p| p.host_addr().is_some());
+        // Whether the one call that placed every page also woke the waiters
+        // (a fault-back of one run: one system call less).
+        let mut woken = false;
         if host {
             let mut k = 0;
             while k < n {
@@ -1361,16 +1364,19 @@ impl MmCore {
                 while end < n && pages[end].follows(&pages[end - 1]) {
                     end += 1;
                 }
-                self.move_host_run(
+                let whole = k == 0 && end == n;
+                woken = self.move_host_run(
                     VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)),
                     &pages[k..end],
+                    whole && !dontwake,
                 )?;
                 k = end;
             }
         } else {
             // Straight from device memory when the pages sit side by side
             // there; through a bounce buffer otherwise.
-            let direct = crate::devmem::with_device_run(pages, |src| self.uffd.copy(at, src, true));
+            let direct =
+                crate::devmem::with_device_run(pages, |src| self.uffd.copy(at, src, dontwake));
             let res = match direct {
                 Some(res) => res,
                 None => {
@@ -1378,15 +1384,16 @@ impl MmCore {
                     for (k, p) in pages.iter().enumerate() {
                         p.read(&mut buf[k << PAGE_SHIFT..(k + 1) << PAGE_SHIFT])?;
                     }
-                    self.uffd.copy(at, &buf, true)
+                    self.uffd.copy(at, &buf, dontwake)
                 }
             };
             match res {
-                Ok(()) | Err(Errno::EXIST) => {}
+                Ok(()) => woken = !dontwake,
+                Err(Errno::EXIST) => {}
                 Err(e) => return Err(Error::os("UFFDIO_COPY", e)),
             }
         }
-        if !dontwake {
+        if !dontwake && !woken {
             let r = VaRange::from_len(at, (n as u64) << PAGE_SHIFT)?;
             let _ = self.uffd.wake(r);
         }
@@ -1396,7 +1403,10 @@ impl MmCore {
     /// Moves the data of `pages`, consecutive pages of one host-storage
     /// pagemap, to the absent CPU pages from `at`: one `UFFDIO_MOVE` for
     /// the run, continued past a page it refuses, which is handled alone.
-    fn move_host_run(&self, at: VirtAddr, pages: &[DevicePage]) -> Result<()> {
+    ///
+    /// With `wake`, a move that takes the whole run at once also wakes the
+    /// threads waiting on it; returns whether that happened.
+    fn move_host_run(&self, at: VirtAddr, pages: &[DevicePage], wake: bool) -> Result<bool> {
         let mut k = 0;
         while k < pages.len() {
             let Some(src) = pages[k].host_addr() else {
@@ -1407,10 +1417,11 @@ impl MmCore {
                 p.note_host_emptied();
             }
             let len = ((pages.len() - k) as u64) << PAGE_SHIFT;
-            let (moved, res) = self.uffd.move_partial(dst, src, len, true, false);
+            let whole = wake && k == 0;
+            let (moved, res) = self.uffd.move_partial(dst, src, len, !whole, false);
             k += (moved >> PAGE_SHIFT) as usize;
             let Err(e) = res else {
-                return Ok(());
+                return Ok(whole);
             };
             // The move stopped at page `k`: it is still in the host region.
             let (p, dst) = (&pages[k], VirtAddr(at.get() + ((k as u64) << PAGE_SHIFT)));
@@ -1444,7 +1455,7 @@ impl MmCore {
             }
             k += 1;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The service thread's answer to a MISSING fault at `addr`.
