@@ -3,11 +3,14 @@
 //! # The three steps
 //! [`MigrateVma::setup`] collects the pages of one VMA's range that
 //! `flags` select and isolates them; the driver allocates a destination for
-//! each entry it wants and hands it to [`MigrateVma::set_dst`] (which
-//! copies the data, or moves it for a device whose memory is ordinary
-//! pages); [`MigrateVma::pages`] commits; [`MigrateVma::finalize`] (or
-//! dropping the `MigrateVma`) restores what did not move. Entries use the
-//! kernel's encoding ([`migrate_pfn`], [`MIGRATE_PFN_VALID`], ...).
+//! each entry it wants and hands it to [`MigrateVma::set_dst`];
+//! [`MigrateVma::pages`] places the data (copies it, or moves it for a
+//! device whose memory is ordinary pages, a run of side-by-side pages per
+//! call) and commits; [`MigrateVma::finalize`] (or dropping the
+//! `MigrateVma`) restores what did not move. Entries use the kernel's
+//! encoding ([`migrate_pfn`], [`MIGRATE_PFN_VALID`], ...). In the kernel the
+//! driver copies between `setup` and `pages`; here the library does, because
+//! the data of an isolated page is in the library's staging region.
 //!
 //! # How a page leaves the CPU
 //! A device-private page has no CPU mapping: its address is an absent page
