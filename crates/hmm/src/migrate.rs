@@ -989,8 +989,10 @@ impl MigrateVma {
         Ok(VirtAddr(s.addr().get() + ((i as u64) << PAGE_SHIFT)))
     }
 
-    /// `migrate_vma_pages`: commits every entry with a destination. After
-    /// it, `src[i]` still has `MIGRATE` exactly for the entries that moved.
+    /// `migrate_vma_pages`: places the data of every entry with a device
+    /// destination ([`MigrateVma::set_dst`]), then commits every entry with
+    /// a destination. After it, `src[i]` still has `MIGRATE` exactly for the
+    /// entries that moved (an entry whose data could not be placed did not).
     pub fn pages(&mut self) {
         if self.committed || self.finalized {
             return;
