@@ -962,3 +962,40 @@ fn mremap_onto_a_registered_destination_event_order() {
         drop(src);
     }
 }
+
+/// Fact: `UFFDIO_WRITEPROTECT` clearing one page, under the mmap *read*
+/// lock, tells whether the VMA there is registered in WP mode (`ENOENT` if
+/// not) and whether an address-space event of the userfaultfd is in flight
+/// (`EAGAIN` from before an unmap of a registered range until its event is
+/// read). The library's registration fast path rests on both: a VMA it
+/// registered, probed this way, needs no `UFFDIO_REGISTER` (which takes the
+/// mmap lock for writing).
+#[test]
+fn writeprotect_clear_probes_registration_and_events_in_flight() {
+    let _g = exclusive();
+    let a = Mapping::anonymous(2 * PAGE_SIZE, RW).expect("mmap");
+    let b = Mapping::anonymous(PAGE_SIZE, RW).expect("mmap");
+    let c = Mapping::anonymous(PAGE_SIZE, RW).expect("mmap");
+    a.write_u64(word(0, 0), 0xA);
+    let uffd = open(Features::EVENT_UNMAP | Features::EVENT_REMOVE);
+    uffd.register(a.range(), RegisterMode::WP)
+        .expect("register a");
+    uffd.register(b.range(), RegisterMode::WP)
+        .expect("register b");
+    let probe = |m: &Mapping| uffd.writeprotect(m.pages(0, 1), false, true);
+    assert_eq!(probe(&a), Ok(()), "a registered VMA, nothing in flight");
+    assert_eq!(probe(&c), Err(Errno::NOENT), "an unregistered VMA");
+    // The unmap of another registered range waits for its event to be
+    // read; until then every probe of the userfaultfd answers EAGAIN.
+    let h = thread::spawn(move || drop(b));
+    assert_blocked(&h, "munmap of a registered range");
+    assert_eq!(probe(&a), Err(Errno::AGAIN), "an UNMAP event is unread");
+    assert!(matches!(wait_one(&uffd), Message::Unmap { .. }));
+    join_quiet(&uffd, h);
+    assert_eq!(probe(&a), Ok(()), "the event was read");
+    // The probe changed nothing the program can see.
+    assert_eq!(a.read_u64(word(0, 0)), 0xA);
+    a.write_u64(word(0, 0), 0xB);
+    assert_eq!(a.read_u64(word(0, 0)), 0xB);
+    assert_quiet(&uffd);
+}
