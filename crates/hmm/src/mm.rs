@@ -110,6 +110,8 @@ pub struct MmStats {
     pub forks: u64,
     /// Page faults served.
     pub faults: u64,
+    /// `UFFDIO_REGISTER` calls made (a VMA found still registered needs none).
+    pub registrations: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +121,7 @@ struct Counters {
     remaps: AtomicU64,
     forks: AtomicU64,
     faults: AtomicU64,
+    registrations: AtomicU64,
 }
 
 /// Excludes forks from range-fault walks, as the mmap lock does in the kernel
@@ -470,6 +473,7 @@ impl Mm {
             remaps: c.remaps.load(Ordering::Relaxed),
             forks: c.forks.load(Ordering::Relaxed),
             faults: c.faults.load(Ordering::Relaxed),
+            registrations: c.registrations.load(Ordering::Relaxed),
         }
     }
 
@@ -669,6 +673,10 @@ impl MmCore {
             return Ok(());
         };
         let known = self.registered.lock().covers(piece);
+        if known && self.still_registered(piece) {
+            return Ok(());
+        }
+        self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         match self.uffd.register(piece, RegisterMode::WP) {
             Ok(_) => {
                 self.registered.lock().insert(piece);
@@ -686,6 +694,28 @@ impl MmCore {
             Err(e) => return Err(Error::os("UFFDIO_REGISTER", e)),
         }
         Ok(())
+    }
+
+    /// Whether `piece`, one VMA the bookkeeping says is registered, still
+    /// is: then it needs no `UFFDIO_REGISTER`, which takes the mmap lock for
+    /// writing and, issued on every device fault, held up every `madvise`
+    /// and page fault of the program.
+    ///
+    /// The probe is `UFFDIO_WRITEPROTECT` clearing the VMA's first page
+    /// (nothing of ours is ever write-protected, so it changes nothing),
+    /// under the mmap *read* lock: `ENOENT` when the VMA there is not
+    /// registered in WP mode, `EAGAIN` while an unmap, remap or remove of a
+    /// registered range is in flight (from before the kernel changes the
+    /// mapping until its event is read; `kernel_facts` checks both). The
+    /// caller holds `layout`, so every event read has been handled and the
+    /// bookkeeping is current unless an event is in flight; with none in
+    /// flight, a registered VMA at the start of `piece` is the one the
+    /// bookkeeping knows (an unregistered mapping never merges with it, and
+    /// splits and in-place growth keep the registration). Anything but
+    /// success registers again.
+    fn still_registered(&self, piece: VaRange) -> bool {
+        VaRange::from_len(piece.start(), crate::addr::PAGE_SIZE)
+            .is_ok_and(|first| self.uffd.writeprotect(first, false, true).is_ok())
     }
 
     /// Registers what a first registration split off a VMA that grew
@@ -726,6 +756,7 @@ impl MmCore {
                 if !adjacent || !same_kind(&n) || self.registered.lock().covers(next) {
                     continue;
                 }
+                self.counters.registrations.fetch_add(1, Ordering::Relaxed);
                 match self.uffd.register(next, RegisterMode::WP) {
                     Ok(_) => {
                         self.registered.lock().insert(next);

@@ -97,3 +97,53 @@ fn protect_invalidates_before_changing_protection() {
     assert!(matches!(err, Err(hmm::Error::Perm { .. })), "{err:?}");
     n.remove().expect("remove");
 }
+
+/// Maps a fresh anonymous mapping over `range` with `MAP_FIXED` (the kernel
+/// unmaps what was there first).
+fn replace(range: hmm::VaRange) {
+    let want = range.start().as_mut_ptr::<libc::c_void>();
+    // SAFETY: `range` is the test's own mapping, which no Rust reference
+    // points into; MAP_FIXED replaces exactly it.
+    #[allow(unsafe_code)]
+    let p = unsafe {
+        libc::mmap(
+            want,
+            range.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(
+        p,
+        want,
+        "mmap(MAP_FIXED): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn a_registered_mapping_is_not_registered_again_but_its_replacement_is() {
+    let mm = Mm::get().expect("mm");
+    let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
+    m.no_hugepage();
+    mm.register(m.range()).expect("register");
+    assert!(mm.is_registered(m.range()).expect("smaps"));
+    // Still registered: found so without UFFDIO_REGISTER (other tests of
+    // this binary may register a few mappings meanwhile).
+    let before = mm.stats().registrations;
+    for _ in 0..100 {
+        mm.register(m.range()).expect("register");
+    }
+    let made = mm.stats().registrations - before;
+    assert!(made < 50, "{made} registrations for 100 calls");
+    // Replaced: the old mapping's UNMAP is handled, the new one registered.
+    for round in 0..20 {
+        replace(m.range());
+        m.write_u64(0, round);
+        mm.register(m.range()).expect("register");
+        assert!(mm.is_registered(m.range()).expect("smaps"), "round {round}");
+        assert_eq!(m.read_u64(0), round);
+    }
+}

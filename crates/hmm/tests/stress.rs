@@ -679,6 +679,7 @@ fn since(now: MmStats, base: MmStats) -> MmStats {
         remaps: now.remaps - base.remaps,
         forks: now.forks - base.forks,
         faults: now.faults - base.faults,
+        registrations: now.registrations - base.registrations,
     }
 }
 
