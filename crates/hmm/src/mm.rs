@@ -49,6 +49,9 @@
 //! only ever map what the `Mm` hears about. Mappings userfaultfd cannot
 //! register (regular-file mappings) are still snapshotted and faulted, but
 //! mirrored without invalidation events: [`Mm::is_registered`] tells which.
+//! A VMA registered before is probed rather than registered again (a
+//! registration takes the mmap lock for writing; see
+//! `MmCore::still_registered`).
 //!
 //! # Lifetime
 //! [`Mm`] handles are counted; dropping the last one (or calling
