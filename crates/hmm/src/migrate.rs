@@ -1158,7 +1158,9 @@ impl MigrateVma {
         for (vpn, write) in parked {
             core.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
         }
-        self.staging = None;
+        if let Some(staging) = self.staging.take() {
+            core.give_back_staging(staging);
+        }
         if gate {
             core.fork_gate.leave();
         }
