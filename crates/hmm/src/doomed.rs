@@ -22,6 +22,16 @@
 //! faulted in again after the zap with the very frame it had is likewise
 //! taken for doomed. Zero-page mappings are never noted: that page is never
 //! freed.
+//!
+//! One hole stays open: a page *absent* when the note is taken, faulted in
+//! (by a device fault's populate) after the invalidation and before a
+//! delayed zap, is installed and then freed by that zap. Nothing marks the
+//! zap's end (the caller's `madvise` returns to the caller only), so such a
+//! page cannot be told from one faulted in after the zap. It takes the
+//! `madvise` caller being held off the CPU between the event's read and its
+//! zap while a device faults the same range; the DONTNEED storm test
+//! (`entries_match_the_cpu_right_after_a_dontneed_storm`) has met it about
+//! once in ten runs of the whole suite on a loaded two-CPU machine.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
