@@ -1158,9 +1158,7 @@ impl MigrateVma {
         for (vpn, write) in parked {
             core.handle_missing(VirtAddr(vpn << PAGE_SHIFT), write);
         }
-        if let Some(staging) = self.staging.take() {
-            core.give_back_staging(staging);
-        }
+        self.staging = None;
         if gate {
             core.fork_gate.leave();
         }

@@ -229,9 +229,6 @@ pub(crate) struct MmCore {
     pub(crate) doomed: crate::doomed::Doomed,
     /// The recent `REMAP` events, against stale `UNMAP`s (service thread only).
     remaps: Mutex<crate::remaplog::RemapLog>,
-    /// Empty staging regions for the next migrations (see
-    /// [`MmCore::give_back_staging`]).
-    staging_pool: Mutex<Vec<crate::os::mm::Mapping>>,
     released: AtomicBool,
     stop: OwnedFd,
     service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
@@ -573,7 +570,6 @@ impl MmCore {
             fork_shared: Mutex::new(RangeSet::new()),
             doomed: crate::doomed::Doomed::default(),
             remaps: Mutex::new(crate::remaplog::RemapLog::default()),
-            staging_pool: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
             stop,
             service: StdMutex::new(None),
@@ -833,48 +829,7 @@ impl MmCore {
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
     pub(crate) fn staging_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
-        let pooled = {
-            let mut pool = self.staging_pool.lock();
-            let at = pool.iter().position(|m| m.len() == bytes);
-            at.map(|i| pool.swap_remove(i))
-        };
-        match pooled {
-            Some(m) => Ok(m),
-            None => self.library_region(bytes, &self.uffd),
-        }
-    }
-
-    /// Takes back a migration's staging region for the next migration of
-    /// its size: emptied (a copy leaves its sources there) and kept, up to
-    /// [`STAGING_POOL_MAX`] regions. Mapping, registering and unmapping one
-    /// (whose `UNMAP` event the unmapping thread waits for) per migration
-    /// was a tenth of a small one.
-    pub(crate) fn give_back_staging(&self, staging: crate::os::mm::Mapping) {
-        if self.released.load(Ordering::Acquire) {
-            return;
-        }
-        let filter = crate::os::pagemap::ScanFilter {
-            any_of: crate::os::pagemap::Category::PRESENT,
-            returned: crate::os::pagemap::Category::PRESENT,
-            ..Default::default()
-        };
-        let mut present = Vec::new();
-        let empty = match self.pagemap.scan(staging.range(), &filter, &mut present) {
-            Ok(()) => present.is_empty(),
-            Err(_) => false,
-        };
-        if !empty && crate::os::mm::dontneed(staging.range()).is_err() {
-            return;
-        }
-        let mut pool = self.staging_pool.lock();
-        if pool.len() < STAGING_POOL_MAX {
-            pool.push(staging);
-            return;
-        }
-        drop(pool);
-        // Unmapped here, outside the pool's lock: the `UNMAP` event must be
-        // read before `munmap` returns.
-        drop(staging);
+        self.library_region(bytes, &self.uffd)
     }
 
     fn library_region(&self, bytes: u64, uffd: &Uffd) -> Result<crate::os::mm::Mapping> {
@@ -1141,9 +1096,6 @@ impl MmCore {
         }
         let freed = std::mem::take(&mut *self.dev.lock());
         drop(freed);
-        // Unmapped while their `UNMAP` events are still read.
-        let pool = std::mem::take(&mut *self.staging_pool.lock());
-        drop(pool);
         self.subs.release();
         // 2. Unregister while the service thread still drains events, so no
         //    munmap caller waits on an event nobody reads.
@@ -1172,9 +1124,6 @@ impl MmCore {
         }
     }
 }
-
-/// How many empty staging regions an `Mm` keeps for later migrations.
-const STAGING_POOL_MAX: usize = 4;
 
 /// The service thread's stack: it runs every notifier callback.
 const SERVICE_STACK: usize = 1 << 20;
@@ -1234,33 +1183,5 @@ fn probe_scan_and_query(pagemap: &Pagemap, maps: &ProcMaps) -> Result<()> {
 impl AsFd for MmCore {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.uffd.as_fd()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::addr::PAGE_SIZE;
-
-    #[test]
-    fn staging_regions_come_back_empty_and_are_reused() {
-        let mm = Mm::get().expect("mm");
-        let core = mm.core().expect("core");
-        // A size no migration of the other tests asks for.
-        let len = 13 * PAGE_SIZE;
-        let a = core.staging_region(len).expect("staging");
-        let at = a.addr();
-        // A copying migration leaves its sources in the region.
-        a.write_u64(0, 7);
-        a.write_u64((5 * PAGE_SIZE / 8) as usize, 9);
-        core.give_back_staging(a);
-        let b = core.staging_region(len).expect("staging");
-        assert_eq!(b.addr(), at, "the region given back is reused");
-        assert_eq!(b.read_u64(0), 0, "and emptied");
-        assert_eq!(b.read_u64((5 * PAGE_SIZE / 8) as usize), 0);
-        let c = core.staging_region(len).expect("staging");
-        assert_ne!(c.addr(), at, "a region is handed out once");
-        core.give_back_staging(b);
-        core.give_back_staging(c);
     }
 }
