@@ -1362,39 +1362,13 @@ mod race {
     /// which never replaces a mapping: a foreign one in the hole is
     /// reported, not destroyed.
     fn refill(run: VaRange) -> Result<(), i32> {
-        map_at(run, libc::MAP_FIXED_NOREPLACE)
+        super::common::map_at(run, libc::MAP_FIXED_NOREPLACE)
     }
 
     /// `mmap(MAP_FIXED)` over part of the test's own range: replaces its
     /// pages at once (an unmap without a hole).
     fn replace(run: VaRange) {
-        map_at(run, libc::MAP_FIXED).expect("mmap(MAP_FIXED)");
-    }
-
-    fn map_at(run: VaRange, fixed: libc::c_int) -> Result<(), i32> {
-        let want = run.start().as_mut_ptr::<libc::c_void>();
-        // SAFETY: with MAP_FIXED the caller replaces pages of the test's own
-        // range, which no Rust reference points into; MAP_FIXED_NOREPLACE
-        // replaces nothing.
-        #[allow(unsafe_code)]
-        let p = unsafe {
-            libc::mmap(
-                want,
-                run.len() as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-        }
-        if p != want {
-            // A kernel that ignores MAP_FIXED_NOREPLACE placed it elsewhere.
-            return Err(libc::EEXIST);
-        }
-        Ok(())
+        super::common::map_at(run, libc::MAP_FIXED).expect("mmap(MAP_FIXED)");
     }
 
     /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)` of `from` (a mapping the test

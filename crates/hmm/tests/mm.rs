@@ -98,31 +98,6 @@ fn protect_invalidates_before_changing_protection() {
     n.remove().expect("remove");
 }
 
-/// Maps a fresh anonymous mapping over `range` with `MAP_FIXED` (the kernel
-/// unmaps what was there first).
-fn replace(range: hmm::VaRange) {
-    let want = range.start().as_mut_ptr::<libc::c_void>();
-    // SAFETY: `range` is the test's own mapping, which no Rust reference
-    // points into; MAP_FIXED replaces exactly it.
-    #[allow(unsafe_code)]
-    let p = unsafe {
-        libc::mmap(
-            want,
-            range.len() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(
-        p,
-        want,
-        "mmap(MAP_FIXED): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 #[test]
 fn a_registered_mapping_is_not_registered_again_but_its_replacement_is() {
     let mm = Mm::get().expect("mm");
@@ -140,7 +115,8 @@ fn a_registered_mapping_is_not_registered_again_but_its_replacement_is() {
     assert!(made < 50, "{made} registrations for 100 calls");
     // Replaced: the old mapping's UNMAP is handled, the new one registered.
     for round in 0..20 {
-        replace(m.range());
+        // MAP_FIXED over it: the kernel unmaps the old mapping first.
+        common::map_at(m.range(), libc::MAP_FIXED).expect("mmap(MAP_FIXED)");
         m.write_u64(0, round);
         mm.register(m.range()).expect("register");
         assert!(mm.is_registered(m.range()).expect("smaps"), "round {round}");

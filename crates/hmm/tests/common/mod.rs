@@ -221,3 +221,33 @@ pub fn fill(m: &hmm::os::mm::Mapping, tag: u64) {
         }
     }
 }
+
+/// `mmap` of a private anonymous read-write mapping exactly over `run`,
+/// with `fixed` = `MAP_FIXED` (replaces what is there, as an unmap would)
+/// or `MAP_FIXED_NOREPLACE` (fails with `EEXIST` if anything is). Returns
+/// the errno on failure.
+pub fn map_at(run: VaRange, fixed: libc::c_int) -> Result<(), i32> {
+    let want = run.start().as_mut_ptr::<libc::c_void>();
+    // SAFETY: with MAP_FIXED the caller replaces pages of its own range,
+    // which no Rust reference points into; MAP_FIXED_NOREPLACE replaces
+    // nothing.
+    #[allow(unsafe_code)]
+    let p = unsafe {
+        libc::mmap(
+            want,
+            run.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    if p != want {
+        // A kernel that ignores MAP_FIXED_NOREPLACE placed it elsewhere.
+        return Err(libc::EEXIST);
+    }
+    Ok(())
+}
