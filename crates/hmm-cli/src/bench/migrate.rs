@@ -11,6 +11,12 @@
 //! | fault-back | a read of a migrated 4 KiB page, until it returns | the same read of a page registered for MISSING faults, resolved by a bare monitor with one `UFFDIO_COPY` of 4 KiB | ≤ 1.3× |
 //! | scan | a read of one word per page over 256 MiB migrated | the same scan of a registered range, resolved by a bare monitor with one `UFFDIO_COPY` of 512 pages (2 MiB) per fault | ≥ 0.8× |
 //!
+//! The moving device's ceiling is 0.5×: a migration moves each page twice
+//! (into a staging region at setup, before the driver has picked a
+//! destination, as `migrate_vma_setup` unmaps before the driver allocates;
+//! then into the device page). From 2 MiB the THP rows' raw arm moves one
+//! PMD per 2 MiB, while a migration keeps its state per 4 KiB page.
+//!
 //! The migration rows are the kernel's `benchmark_thp_migration`
 //! (`hmm-tests.c`): sizes 512 KiB to 256 MiB, each with `MADV_HUGEPAGE` and
 //! with `MADV_NOHUGEPAGE` on a PMD-aligned buffer, GB/s of buffer migrated.
@@ -865,6 +871,11 @@ pub(super) fn run(reps: usize, progress: bool) -> BoxResult<Report> {
          (out = None) and migrate_to_sys on devices made by Device::new_private \
          (copying: Storage::Device, moving: Storage::Host); raw arms use a userfaultfd of \
          their own; dev->sys targets are this benchmark's choice (the sys->dev ones)"
+            .to_string(),
+        "moving device: a migration moves each page twice (into a staging region at setup, \
+         before the driver picks its destination, then into the device page), so 0.5x of one \
+         UFFDIO_MOVE is its ceiling; from 2 MiB the THP rows' raw arm moves one PMD per 2 MiB \
+         while a migration keeps state per 4 KiB page (migrate_vma's granularity)"
             .to_string(),
     ];
     notes.extend(cpu_notes);
