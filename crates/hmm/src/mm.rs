@@ -229,6 +229,9 @@ pub(crate) struct MmCore {
     pub(crate) doomed: crate::doomed::Doomed,
     /// The recent `REMAP` events, against stale `UNMAP`s (service thread only).
     remaps: Mutex<crate::remaplog::RemapLog>,
+    /// The library's own regions being unmapped ([`OwnRegion`]): their
+    /// `UNMAP` events are not the program's.
+    own_unmaps: Mutex<Vec<VaRange>>,
     released: AtomicBool,
     stop: OwnedFd,
     service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
@@ -570,6 +573,7 @@ impl MmCore {
             fork_shared: Mutex::new(RangeSet::new()),
             doomed: crate::doomed::Doomed::default(),
             remaps: Mutex::new(crate::remaplog::RemapLog::default()),
+            own_unmaps: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
             stop,
             service: StdMutex::new(None),
@@ -717,8 +721,17 @@ impl MmCore {
     /// splits and in-place growth keep the registration). Anything but
     /// success registers again.
     fn still_registered(&self, piece: VaRange) -> bool {
-        VaRange::from_len(piece.start(), crate::addr::PAGE_SIZE)
-            .is_ok_and(|first| self.uffd.writeprotect(first, false, true).is_ok())
+        self.wp_probe(piece.start()).is_ok()
+    }
+
+    /// `UFFDIO_WRITEPROTECT` clearing the page at `at`, which changes
+    /// nothing of ours (see [`Self::still_registered`]): `EAGAIN` while an
+    /// address-space event of the main userfaultfd is in flight, `ENOENT`
+    /// when the VMA there is not registered in WP mode.
+    pub(crate) fn wp_probe(&self, at: VirtAddr) -> std::result::Result<(), Errno> {
+        let page =
+            VaRange::from_len(at.page_down(), crate::addr::PAGE_SIZE).map_err(|_| Errno::INVAL)?;
+        self.uffd.writeprotect(page, false, true)
     }
 
     /// Registers what a first registration split off a VMA that grew
@@ -828,8 +841,24 @@ impl MmCore {
     ///
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
-    pub(crate) fn staging_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
-        self.library_region(bytes, &self.uffd)
+    pub(crate) fn staging_region(self: &Arc<Self>, bytes: u64) -> Result<OwnRegion> {
+        Ok(OwnRegion {
+            map: self.library_region(bytes, &self.uffd)?,
+            core: self.clone(),
+        })
+    }
+
+    /// Whether `r` is exactly a region of the library's own being unmapped
+    /// (and forgets it if so).
+    fn take_own_unmap(&self, r: VaRange) -> bool {
+        let mut own = self.own_unmaps.lock();
+        match own.iter().position(|&o| o == r) {
+            Some(i) => {
+                own.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     fn library_region(&self, bytes: u64, uffd: &Uffd) -> Result<crate::os::mm::Mapping> {
@@ -899,10 +928,17 @@ impl MmCore {
             }
             Message::Unmap { start, end } => {
                 self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
-                self.invalidate(start, end, Event::Unmap);
                 let Ok(r) = VaRange::new(start, end) else {
                     return;
                 };
+                if self.take_own_unmap(r) {
+                    // One of the library's regions: nothing of the program's
+                    // was there, and what is there now (the addresses may
+                    // have been mapped again before this event was read) is
+                    // not what was unmapped.
+                    return;
+                }
+                self.invalidate(start, end, Event::Unmap);
                 // Not what a later mremap moved here (`crate::remaplog`).
                 let parts = self.remaps.lock().unmap(r, std::time::Instant::now());
                 for part in parts {
@@ -1121,6 +1157,44 @@ impl MmCore {
             && tid != std::thread::current().id()
         {
             let _ = join.join();
+        }
+    }
+}
+
+/// A region of the library's own registered with the main userfaultfd (a
+/// migration's staging region). Unmapping it sends an `UNMAP` event, which
+/// the unmapping thread waits for until it is read; but the kernel frees the
+/// addresses first, and another thread may map them again (the program's
+/// next buffer, say) and even migrate that before the event is read. Taken
+/// for the program's, the late event would then invalidate the new mapping's
+/// device entries and kill its migration. So the region is noted as the
+/// library's before it is unmapped, and the service thread takes its event
+/// for what it is.
+pub(crate) struct OwnRegion {
+    map: crate::os::mm::Mapping,
+    core: Arc<MmCore>,
+}
+
+impl std::ops::Deref for OwnRegion {
+    type Target = crate::os::mm::Mapping;
+
+    fn deref(&self) -> &crate::os::mm::Mapping {
+        &self.map
+    }
+}
+
+impl std::fmt::Debug for OwnRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("OwnRegion").field(&self.map).finish()
+    }
+}
+
+impl Drop for OwnRegion {
+    /// Notes the region as the library's; the mapping, dropped right after
+    /// this returns, unmaps it.
+    fn drop(&mut self) {
+        if !self.core.released.load(Ordering::Acquire) {
+            self.core.own_unmaps.lock().push(self.map.range());
         }
     }
 }
