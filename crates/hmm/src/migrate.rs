@@ -440,7 +440,7 @@ pub struct MigrateVma {
     sources: Vec<Source>,
     dests: Vec<Dest>,
     cpages: u64,
-    staging: Option<Mapping>,
+    staging: Option<crate::mm::OwnRegion>,
     /// The VMA can be written (moving pages in and out needs that).
     writable_vma: bool,
     committed: bool,
@@ -458,6 +458,10 @@ impl MigrateVma {
     /// and `migrate_pfn(pfn) | MIGRATE [| WRITE]` for a page. Shared, file
     /// and hugetlb pages are not selected; another owner's device pages are
     /// not selected; under `SELECT_SYSTEM` device pages are not selected.
+    ///
+    /// Waits until no address-space event is in flight (the service thread
+    /// reads them at once; at most 5 s), so it is not for notifier
+    /// callbacks, which run on the thread that reads them.
     ///
     /// # Errors
     /// [`Error::Inval`] (the kernel's `-EINVAL`) for an empty or misaligned
@@ -526,26 +530,42 @@ impl MigrateVma {
         let core = self.core.clone();
         // From the VMA query to the entries recorded, under `layout`: the
         // events about these addresses that were read are handled, and
-        // those not yet read (a mapping replaced from now on) are handled
-        // after the entries exist, so they find and kill them. The VMA is
-        // queried again here: the one setup saw may have been replaced.
-        let layout = core.layout_read();
-        let now = core
-            .maps
-            .query(range.start(), false)
-            .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
-        let Some(vma) = now.filter(|v| {
-            v.start <= range.start()
-                && v.end >= range.end()
-                && v.is_private_anon()
-                && v.page_size == vma.page_size
-        }) else {
-            // Replaced by something that does not migrate: nothing selected.
-            return Ok(());
+        // none is in flight (checked below), so those read later are about
+        // changes made from now on (a mapping replaced meanwhile) and are
+        // right to find and kill the entries. The VMA is queried again
+        // here: the one setup saw may have been replaced.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (layout, vma) = loop {
+            let layout = core.layout_read();
+            let now = core
+                .maps
+                .query(range.start(), false)
+                .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+            let Some(vma) = now.filter(|v| {
+                v.start <= range.start()
+                    && v.end >= range.end()
+                    && v.is_private_anon()
+                    && v.page_size == vma.page_size
+            }) else {
+                // Replaced by something that does not migrate: nothing selected.
+                return Ok(());
+            };
+            // Device pages must fault to the service thread when touched.
+            core.register_missing_locked(&vma)?;
+            // An event in flight may be an unmap of a mapping these
+            // addresses held before (the kernel frees them before the event
+            // is read): read later, it would kill entries of this one. Let
+            // the service thread read it first.
+            if core.wp_probe(range.start()) == Err(Errno::AGAIN)
+                && std::time::Instant::now() < deadline
+            {
+                drop(layout);
+                std::thread::yield_now();
+                continue;
+            }
+            break (layout, vma);
         };
         self.writable_vma = vma.flags.contains(VmaFlags::WRITE);
-        // Device pages must fault to the service thread when touched.
-        core.register_missing_locked(&vma)?;
         let npages = range.npages() as usize;
         let mut entries = vec![Entry(0); npages];
         core.pagemap
