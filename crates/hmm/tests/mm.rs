@@ -97,29 +97,3 @@ fn protect_invalidates_before_changing_protection() {
     assert!(matches!(err, Err(hmm::Error::Perm { .. })), "{err:?}");
     n.remove().expect("remove");
 }
-
-#[test]
-fn a_registered_mapping_is_not_registered_again_but_its_replacement_is() {
-    let mm = Mm::get().expect("mm");
-    let m = Mapping::anonymous(4 * PAGE_SIZE, rw()).expect("mmap");
-    m.no_hugepage();
-    mm.register(m.range()).expect("register");
-    assert!(mm.is_registered(m.range()).expect("smaps"));
-    // Still registered: found so without UFFDIO_REGISTER (other tests of
-    // this binary may register a few mappings meanwhile).
-    let before = mm.stats().registrations;
-    for _ in 0..100 {
-        mm.register(m.range()).expect("register");
-    }
-    let made = mm.stats().registrations - before;
-    assert!(made < 50, "{made} registrations for 100 calls");
-    // Replaced: the old mapping's UNMAP is handled, the new one registered.
-    for round in 0..20 {
-        // MAP_FIXED over it: the kernel unmaps the old mapping first.
-        common::map_at(m.range(), libc::MAP_FIXED).expect("mmap(MAP_FIXED)");
-        m.write_u64(0, round);
-        mm.register(m.range()).expect("register");
-        assert!(mm.is_registered(m.range()).expect("smaps"), "round {round}");
-        assert_eq!(m.read_u64(0), round);
-    }
-}
