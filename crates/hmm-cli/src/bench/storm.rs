@@ -296,23 +296,21 @@ fn pin(cpu: usize) -> Option<String> {
 // The stop flag publishes nothing but itself (the results come back through
 // `join`, which synchronizes), so every access is `Relaxed`.
 
-/// A device thread: `op` over the whole range until the stop flag.
-fn device_thread(
-    op: DeviceOp,
-    range: VaRange,
+/// Runs `call` on `cpu` until the stop flag, recording each success (its
+/// start, its time in µs, whether it completed) in the window it started
+/// in; the first error stops every thread.
+fn call_loop(
     cpu: usize,
     clock: Clock,
     stop: &AtomicBool,
+    mut call: impl FnMut() -> Result<(Instant, f64, bool), String>,
 ) -> ThreadOut {
     let pin_error = pin(cpu);
     let mut calls = Calls::new(clock.windows);
     let mut error = None;
     while !stop.load(Ordering::Relaxed) {
-        let t0 = Instant::now();
-        let r = op.call(range);
-        let us = t0.elapsed().as_secs_f64() * 1e6;
-        match r {
-            Ok(done) => {
+        match call() {
+            Ok((t0, us, done)) => {
                 if let Some(w) = clock.window(t0) {
                     calls.record(w, us, done);
                 }
@@ -330,40 +328,32 @@ fn device_thread(
     }
 }
 
+/// A device thread: `op` over the whole range until the stop flag.
+fn device_thread(
+    op: DeviceOp,
+    range: VaRange,
+    cpu: usize,
+    clock: Clock,
+    stop: &AtomicBool,
+) -> ThreadOut {
+    call_loop(cpu, clock, stop, || {
+        let t0 = Instant::now();
+        let r = op.call(range);
+        r.map(|done| (t0, t0.elapsed().as_secs_f64() * 1e6, done))
+    })
+}
+
 /// The invalidator: `MADV_DONTNEED` of pseudo-random sub-ranges until the
 /// stop flag.
 fn invalidator_thread(range: VaRange, clock: Clock, stop: &AtomicBool) -> ThreadOut {
-    let pin_error = pin(CPU);
-    let mut calls = Calls::new(clock.windows);
-    let mut error = None;
     let mut x = SEED;
-    while !stop.load(Ordering::Relaxed) {
+    call_loop(CPU, clock, stop, || {
         x = xorshift(x);
-        let r = sub_range(range, x)
-            .map_err(|e| e.to_string())
-            .and_then(|sub| {
-                let t0 = Instant::now();
-                osmm::dontneed(sub)
-                    .map(|()| (t0, t0.elapsed()))
-                    .map_err(|e| format!("MADV_DONTNEED {sub}: {e}"))
-            });
-        match r {
-            Ok((t0, took)) => {
-                if let Some(w) = clock.window(t0) {
-                    calls.record(w, took.as_secs_f64() * 1e6, true);
-                }
-            }
-            Err(e) => {
-                error = Some(e);
-                stop.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-    ThreadOut {
-        calls,
-        pin_error,
-        error,
-    }
+        let sub = sub_range(range, x).map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        osmm::dontneed(sub).map_err(|e| format!("MADV_DONTNEED {sub}: {e}"))?;
+        Ok((t0, t0.elapsed().as_secs_f64() * 1e6, true))
+    })
 }
 
 /// Waits until every thread has returned, at most `patience`, and collects
