@@ -69,8 +69,8 @@ impl Mm {
         let base = range.start().page_index();
         {
             // Recorded by address: after the events about these addresses
-            // were handled (see the service loop).
-            let _layout = core.layout_read();
+            // were handled, none in flight (see `layout_read_settled`).
+            let _layout = core.layout_read_settled(range.start());
             let mut st = core.dev.lock();
             for k in 0..range.npages() {
                 st.set_slot(

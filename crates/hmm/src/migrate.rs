@@ -440,7 +440,7 @@ pub struct MigrateVma {
     sources: Vec<Source>,
     dests: Vec<Dest>,
     cpages: u64,
-    staging: Option<crate::mm::OwnRegion>,
+    staging: Option<Mapping>,
     /// The VMA can be written (moving pages in and out needs that).
     writable_vma: bool,
     committed: bool,
@@ -528,43 +528,28 @@ impl MigrateVma {
 
     fn collect(&mut self, vma: &Vma, range: VaRange, flags: MigrateSelect) -> Result<()> {
         let core = self.core.clone();
-        // From the VMA query to the entries recorded, under `layout`: the
-        // events about these addresses that were read are handled, and
-        // none is in flight (checked below), so those read later are about
-        // changes made from now on (a mapping replaced meanwhile) and are
-        // right to find and kill the entries. The VMA is queried again
-        // here: the one setup saw may have been replaced.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let (layout, vma) = loop {
-            let layout = core.layout_read();
-            let now = core
-                .maps
-                .query(range.start(), false)
-                .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
-            let Some(vma) = now.filter(|v| {
-                v.start <= range.start()
-                    && v.end >= range.end()
-                    && v.is_private_anon()
-                    && v.page_size == vma.page_size
-            }) else {
-                // Replaced by something that does not migrate: nothing selected.
-                return Ok(());
-            };
-            // Device pages must fault to the service thread when touched.
-            core.register_missing_locked(&vma)?;
-            // An event in flight may be an unmap of a mapping these
-            // addresses held before (the kernel frees them before the event
-            // is read): read later, it would kill entries of this one. Let
-            // the service thread read it first.
-            if core.wp_probe(range.start()) == Err(Errno::AGAIN)
-                && std::time::Instant::now() < deadline
-            {
-                drop(layout);
-                std::thread::yield_now();
-                continue;
-            }
-            break (layout, vma);
+        // From the VMA query to the entries recorded, under `layout` taken
+        // with no event in flight: the events about these addresses that
+        // were read are handled, and those read later are about changes
+        // made from now on (a mapping replaced meanwhile), right to find and
+        // kill the entries. The VMA is queried again here: the one setup
+        // saw may have been replaced.
+        let layout = core.layout_read_settled(range.start());
+        let now = core
+            .maps
+            .query(range.start(), false)
+            .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+        let Some(vma) = now.filter(|v| {
+            v.start <= range.start()
+                && v.end >= range.end()
+                && v.is_private_anon()
+                && v.page_size == vma.page_size
+        }) else {
+            // Replaced by something that does not migrate: nothing selected.
+            return Ok(());
         };
+        // Device pages must fault to the service thread when touched.
+        core.register_missing_locked(&vma)?;
         self.writable_vma = vma.flags.contains(VmaFlags::WRITE);
         let npages = range.npages() as usize;
         let mut entries = vec![Entry(0); npages];

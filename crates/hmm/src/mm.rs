@@ -229,9 +229,6 @@ pub(crate) struct MmCore {
     pub(crate) doomed: crate::doomed::Doomed,
     /// The recent `REMAP` events, against stale `UNMAP`s (service thread only).
     remaps: Mutex<crate::remaplog::RemapLog>,
-    /// The library's own regions being unmapped ([`OwnRegion`]): their
-    /// `UNMAP` events are not the program's.
-    own_unmaps: Mutex<Vec<VaRange>>,
     released: AtomicBool,
     stop: OwnedFd,
     service: StdMutex<Option<(JoinHandle<()>, ThreadId)>>,
@@ -573,7 +570,6 @@ impl MmCore {
             fork_shared: Mutex::new(RangeSet::new()),
             doomed: crate::doomed::Doomed::default(),
             remaps: Mutex::new(crate::remaplog::RemapLog::default()),
-            own_unmaps: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
             stop,
             service: StdMutex::new(None),
@@ -809,6 +805,27 @@ impl MmCore {
         self.layout.read()
     }
 
+    /// The layout lock, shared, once no address-space event is in flight
+    /// (waiting at most 5 s): for recording state by address. The kernel
+    /// frees an unmapped range before its `UNMAP` event is read, so another
+    /// thread may map the addresses again meanwhile; state recorded for the
+    /// new mapping while that event is in flight would be taken for the old
+    /// one's when it is read. Once none is in flight (and `layout` keeps the
+    /// service thread from reading until the guard drops), every event read
+    /// later is about a change made after the recording. Not for notifier
+    /// callbacks, which run on the thread that reads the events.
+    pub(crate) fn layout_read_settled(&self, at: VirtAddr) -> parking_lot::RwLockReadGuard<'_, ()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let layout = self.layout_read();
+            if self.wp_probe(at) != Err(Errno::AGAIN) || std::time::Instant::now() >= deadline {
+                return layout;
+            }
+            drop(layout);
+            std::thread::yield_now();
+        }
+    }
+
     /// Records `range` as registered.
     pub(crate) fn note_registered(&self, range: VaRange) {
         self.registered.lock().insert(range);
@@ -841,24 +858,8 @@ impl MmCore {
     ///
     /// # Errors
     /// [`Error::Os`] when it cannot be mapped or registered.
-    pub(crate) fn staging_region(self: &Arc<Self>, bytes: u64) -> Result<OwnRegion> {
-        Ok(OwnRegion {
-            map: self.library_region(bytes, &self.uffd)?,
-            core: self.clone(),
-        })
-    }
-
-    /// Whether `r` is exactly a region of the library's own being unmapped
-    /// (and forgets it if so).
-    fn take_own_unmap(&self, r: VaRange) -> bool {
-        let mut own = self.own_unmaps.lock();
-        match own.iter().position(|&o| o == r) {
-            Some(i) => {
-                own.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+    pub(crate) fn staging_region(&self, bytes: u64) -> Result<crate::os::mm::Mapping> {
+        self.library_region(bytes, &self.uffd)
     }
 
     fn library_region(&self, bytes: u64, uffd: &Uffd) -> Result<crate::os::mm::Mapping> {
@@ -928,17 +929,10 @@ impl MmCore {
             }
             Message::Unmap { start, end } => {
                 self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(start, end, Event::Unmap);
                 let Ok(r) = VaRange::new(start, end) else {
                     return;
                 };
-                if self.take_own_unmap(r) {
-                    // One of the library's regions: nothing of the program's
-                    // was there, and what is there now (the addresses may
-                    // have been mapped again before this event was read) is
-                    // not what was unmapped.
-                    return;
-                }
-                self.invalidate(start, end, Event::Unmap);
                 // Not what a later mremap moved here (`crate::remaplog`).
                 let parts = self.remaps.lock().unmap(r, std::time::Instant::now());
                 for part in parts {
@@ -1157,44 +1151,6 @@ impl MmCore {
             && tid != std::thread::current().id()
         {
             let _ = join.join();
-        }
-    }
-}
-
-/// A region of the library's own registered with the main userfaultfd (a
-/// migration's staging region). Unmapping it sends an `UNMAP` event, which
-/// the unmapping thread waits for until it is read; but the kernel frees the
-/// addresses first, and another thread may map them again (the program's
-/// next buffer, say) and even migrate that before the event is read. Taken
-/// for the program's, the late event would then invalidate the new mapping's
-/// device entries and kill its migration. So the region is noted as the
-/// library's before it is unmapped, and the service thread takes its event
-/// for what it is.
-pub(crate) struct OwnRegion {
-    map: crate::os::mm::Mapping,
-    core: Arc<MmCore>,
-}
-
-impl std::ops::Deref for OwnRegion {
-    type Target = crate::os::mm::Mapping;
-
-    fn deref(&self) -> &crate::os::mm::Mapping {
-        &self.map
-    }
-}
-
-impl std::fmt::Debug for OwnRegion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("OwnRegion").field(&self.map).finish()
-    }
-}
-
-impl Drop for OwnRegion {
-    /// Notes the region as the library's; the mapping, dropped right after
-    /// this returns, unmaps it.
-    fn drop(&mut self) {
-        if !self.core.released.load(Ordering::Acquire) {
-            self.core.own_unmaps.lock().push(self.map.range());
         }
     }
 }
