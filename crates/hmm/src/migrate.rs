@@ -1625,11 +1625,7 @@ impl MmCore {
     /// (`false`).
     fn wait_for_events(&self, done: impl Fn(&DevState) -> bool) -> bool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut acks = self
-            .removal_acks
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut acks = self.removal_acks.0.lock();
         loop {
             if done(&self.dev.lock()) {
                 return true;
@@ -1638,12 +1634,7 @@ impl MmCore {
             if now >= deadline {
                 return false;
             }
-            acks = self
-                .removal_acks
-                .1
-                .wait_timeout(acks, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            acks = self.removal_acks.1.wait_timeout(acks, deadline - now);
         }
     }
 

@@ -78,7 +78,7 @@ use crate::os::pagemap::{Category, Pagemap, ScanFilter};
 use crate::os::procmap::{ProcMaps, VmaFlags};
 use crate::os::uffd::{Features, Message, PagefaultFlags, RegisterMode, Uffd};
 use crate::rangeset::RangeSet;
-use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// userfaultfd features the library cannot work without, with what each is for.
 pub const REQUIRED_FEATURES: &[(Features, &str)] = &[
@@ -133,8 +133,8 @@ struct Counters {
 /// covering an address while `dup_mmap` holds the VMAs write-locked.
 #[derive(Debug, Default)]
 pub(crate) struct ForkGate {
-    state: std::sync::Mutex<(u32, bool)>,
-    cv: std::sync::Condvar,
+    state: Mutex<(u32, bool)>,
+    cv: Condvar,
 }
 
 /// A walk in progress; the gate reopens to forks when the last one drops.
@@ -151,16 +151,16 @@ impl ForkGate {
     /// [`Self::walk`] without a guard: the caller calls [`Self::leave`]
     /// (a migration spans several calls).
     pub(crate) fn enter(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock();
         while st.1 {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.cv.wait(st);
         }
         st.0 += 1;
     }
 
     /// Ends what [`Self::enter`] began.
     pub(crate) fn leave(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock();
         st.0 -= 1;
         drop(st);
         self.cv.notify_all();
@@ -168,16 +168,16 @@ impl ForkGate {
 
     /// Closes the gate for a fork and waits for walks in progress to end.
     fn close(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock();
         st.1 = true;
         while st.0 > 0 {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.cv.wait(st);
         }
     }
 
     /// Reopens the gate after the fork.
     fn open(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+        self.state.lock().1 = false;
         self.cv.notify_all();
     }
 }
@@ -216,7 +216,7 @@ pub(crate) struct MmCore {
     pub(crate) dev: Mutex<crate::migrate::DevState>,
     /// Signalled when the service thread took a migration's own zap event
     /// (a generation count and its condition variable).
-    pub(crate) removal_acks: (StdMutex<u64>, std::sync::Condvar),
+    pub(crate) removal_acks: (Mutex<u64>, Condvar),
     /// A second userfaultfd, without events, that owns the regions pages
     /// are moved into (migration staging, host-storage device memory):
     /// `UFFDIO_MOVE` needs its destination registered, and these regions
@@ -565,7 +565,7 @@ impl MmCore {
             registered: Mutex::new(RangeSet::new()),
             layout: parking_lot::RwLock::new(()),
             dev: Mutex::new(crate::migrate::DevState::default()),
-            removal_acks: (StdMutex::new(0), std::sync::Condvar::new()),
+            removal_acks: (Mutex::new(0), Condvar::new()),
             mover,
             fork_shared: Mutex::new(RangeSet::new()),
             doomed: crate::doomed::Doomed::default(),
@@ -909,14 +909,7 @@ impl MmCore {
                     && self.dev.lock().ack_self_removal(r)
                 {
                     // A migration zapping what it isolated: not a discard.
-                    let mut acks = self
-                        .removal_acks
-                        .0
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    *acks += 1;
-                    drop(acks);
-                    self.removal_acks.1.notify_all();
+                    self.removals_handled();
                     return;
                 }
                 self.invalidate(start, end, Event::Clear);
@@ -1037,10 +1030,9 @@ impl MmCore {
 
     fn service_loop(&self) {
         let mut msgs = Vec::with_capacity(16);
-        // Poll only when the last read filled its buffer: under a stream of
-        // faults the next one is usually queued already (one system call
-        // less each), and a read that did not fill it drained the queue
-        // (one read that finds nothing less each).
+        // Wait only after a read that did not fill its buffer, which drained
+        // the queue; after a full one more messages are usually queued, and
+        // reading them at once saves the wait (one system call each).
         let mut idle = true;
         loop {
             if idle {
@@ -1095,14 +1087,14 @@ impl MmCore {
             if !removals {
                 continue;
             }
-            // Migrations and forks waiting for their zap's event look again.
-            *self
-                .removal_acks
-                .0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) += 1;
-            self.removal_acks.1.notify_all();
+            self.removals_handled();
         }
+    }
+
+    /// Migrations and forks waiting for their zap's event look again.
+    fn removals_handled(&self) {
+        *self.removal_acks.0.lock() += 1;
+        self.removal_acks.1.notify_all();
     }
 
     fn release(&self) {

@@ -56,24 +56,62 @@ impl<T> Mutex<T> {
     }
 }
 
-/// A condition variable paired with [`Mutex`].
+/// A condition variable paired with [`Mutex`], which knows whether anyone
+/// waits: `notify_all` with no waiter makes no system call (the standard
+/// library's always does one, a `futex` wake, which the service thread paid
+/// twice per event).
+///
+/// The count is exact for the usual pattern: the notifier changes the state
+/// under the mutex and notifies after, the waiter checks it under the mutex
+/// and waits. A waiter counts itself before `wait` releases the mutex, so a
+/// notifier that took the mutex after that sees the count.
 #[derive(Debug, Default)]
-pub(crate) struct Condvar(imp::Condvar);
+pub(crate) struct Condvar {
+    cv: imp::Condvar,
+    waiters: AtomicU64,
+}
 
 impl Condvar {
     /// A new condition variable.
     pub(crate) fn new() -> Self {
-        Self(imp::Condvar::new())
+        Self {
+            cv: imp::Condvar::new(),
+            waiters: AtomicU64::new(0),
+        }
     }
 
     /// Waits for a notification, releasing the guard meanwhile.
     pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-        self.0.wait(guard).unwrap_or_else(|e| e.into_inner())
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let g = self.cv.wait(guard).unwrap_or_else(|e| e.into_inner());
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        g
     }
 
-    /// Wakes every waiter.
+    /// Waits for a notification for at most `timeout`, releasing the guard
+    /// meanwhile.
+    #[cfg(not(loom))]
+    pub(crate) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let g = match self.cv.wait_timeout(guard, timeout) {
+            Ok((g, _)) => g,
+            Err(e) => e.into_inner().0,
+        };
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        g
+    }
+
+    /// Wakes every waiter; nothing to do when there is none.
     pub(crate) fn notify_all(&self) {
-        self.0.notify_all();
+        // The waiter's increment happened before it released the mutex,
+        // and the caller took that mutex after: the load sees it.
+        if self.waiters.load(Ordering::Relaxed) != 0 {
+            self.cv.notify_all();
+        }
     }
 }
 
