@@ -112,14 +112,28 @@ impl Doomed {
         } else {
             0
         };
+        // One read for all of them when they lie close together (a program
+        // discarding a buffer page by page), one each otherwise.
+        let span = list.iter().take(check).map(|r| r.range).reduce(|a, b| {
+            VaRange::new(a.start().min(b.start()), a.end().max(b.end())).unwrap_or(a)
+        });
+        let shared = span
+            .filter(|s| s.npages() <= DIRECT_READ_PAGES)
+            .map(|s| (s, current(pagemap, s)));
         for r in list
             .iter_mut()
             .take(check)
             .filter(|r| r.range.npages() <= CHECK_PAGES_MAX)
         {
-            let now = current(pagemap, r.range);
-            r.pages
-                .retain(|&(vpn, pfn)| still_maps(&now, r.range, vpn, pfn));
+            let own;
+            let (at, now) = match &shared {
+                Some((s, e)) => (*s, &e[..]),
+                None => {
+                    own = current(pagemap, r.range);
+                    (r.range, &own[..])
+                }
+            };
+            r.pages.retain(|&(vpn, pfn)| still_maps(now, at, vpn, pfn));
         }
         list.retain(|r| r.pending(now));
         if !pages.is_empty() {
@@ -346,13 +360,16 @@ mod tests {
         assert_eq!(doomed.len(), 0, "expired notes are dropped");
     }
 
-    #[test]
-    fn notes_of_zapped_pages_are_pruned_once_enough_are_kept() {
+    /// Notes of single pages `stride` pages apart, each zapped after it
+    /// is taken: kept until [`CHECK_ON_RECORD`] are, then pruned.
+    fn pruned_once_enough_are_kept(stride: u64) {
         let pagemap = Pagemap::open().expect("pagemap");
-        let m = Mapping::anonymous(16 * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        let n = CHECK_ON_RECORD as u64 + 1;
+        let m = Mapping::anonymous(n * stride * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
         m.no_hugepage();
         let doomed = Doomed::default();
-        for p in 0..CHECK_ON_RECORD as u64 {
+        for k in 0..n - 1 {
+            let p = k * stride;
             m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
             doomed.record(&pagemap, m.pages(p, 1), 0);
             crate::os::mm::dontneed(m.pages(p, 1)).expect("DONTNEED");
@@ -362,10 +379,44 @@ mod tests {
             CHECK_ON_RECORD,
             "kept, unchecked, until this many"
         );
-        let p = CHECK_ON_RECORD as u64;
+        // The next note checks the kept ones: all were zapped.
+        let p = (n - 1) * stride;
         m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
         doomed.record(&pagemap, m.pages(p, 1), 0);
         assert_eq!(doomed.len(), 1, "the zapped ones went; the new one stays");
+    }
+
+    #[test]
+    fn notes_of_zapped_pages_are_pruned_once_enough_are_kept() {
+        // Side by side: checked with one read.
+        pruned_once_enough_are_kept(1);
+        // Further apart than one read covers: checked one by one.
+        pruned_once_enough_are_kept(DIRECT_READ_PAGES);
+    }
+
+    #[test]
+    fn a_pruning_check_keeps_the_notes_whose_zap_is_to_come() {
+        let pagemap = Pagemap::open().expect("pagemap");
+        let n = CHECK_ON_RECORD as u64 + 1;
+        let m = Mapping::anonymous(n * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        m.no_hugepage();
+        let doomed = Doomed::default();
+        for p in 0..n - 1 {
+            m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
+            doomed.record(&pagemap, m.pages(p, 1), 0);
+            // Every other page zapped; the rest still wait for theirs.
+            if p % 2 == 0 {
+                crate::os::mm::dontneed(m.pages(p, 1)).expect("DONTNEED");
+            }
+        }
+        let p = n - 1;
+        m.write_u64((p * PAGE_SIZE / 8) as usize, 1);
+        doomed.record(&pagemap, m.pages(p, 1), 0);
+        assert_eq!(
+            doomed.len(),
+            CHECK_ON_RECORD / 2 + 1,
+            "the zapped went, the pending and the new one stay"
+        );
     }
 
     #[test]
