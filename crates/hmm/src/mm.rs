@@ -1080,9 +1080,12 @@ impl MmCore {
             let removals = msgs
                 .iter()
                 .any(|m| matches!(m, Message::Remove { .. } | Message::Unmap { .. }));
-            for m in msgs.drain(..) {
-                self.handle(m);
-            }
+            // Device pages an unmap frees are discarded a run at a time.
+            crate::devmem::free_in_batches(|| {
+                for m in msgs.drain(..) {
+                    self.handle(m);
+                }
+            });
             drop(layout);
             if !removals {
                 continue;
@@ -1117,7 +1120,7 @@ impl MmCore {
             warn!("bringing device pages back at release: {e}");
         }
         let freed = std::mem::take(&mut *self.dev.lock());
-        drop(freed);
+        crate::devmem::free_in_batches(|| drop(freed));
         self.subs.release();
         // 2. Unregister while the service thread still drains events, so no
         //    munmap caller waits on an event nobody reads.
