@@ -34,14 +34,25 @@
 //! its noted pages doomed. (Under a DONTNEED storm on the pages being
 //! faulted this costs device faults part of their rate, `hmm bench storm`.)
 //!
-//! One hole stays open: a range with *no* present page when its event is
-//! read has no witness. A page a device faults in there after the
-//! invalidation and before a delayed zap is installed and then freed by the
-//! zap, and nothing marks the zap's end (the caller's `madvise` returns to
-//! the caller only). Dooming such ranges for a fixed time was tried: at
-//! 500 µs it cut storm fault rates tenfold. It takes the `madvise` caller
-//! being held off the CPU between the event's read and its zap while a
-//! device faults the same range.
+//! So the pages of a range are covered when its last page is present when
+//! the event is read (a witness that the zap reaches last), the range lies
+//! inside the walk's segment, and inside one page table (2 MiB): a pagemap
+//! read and a zap each hold a page table's lock while they work on it, so
+//! the walk sees every page of one table either before or after the zap.
+//!
+//! Elsewhere holes stay open. A range with *no* present page when its
+//! event is read has no witness; the pages after its last present one have
+//! none either (the zap may have passed every noted page and not reached
+//! them); a range straddling segments or page tables is judged in parts. A
+//! page a device faults in there after the invalidation and before a
+//! delayed zap is installed and then freed by the zap, and nothing marks
+//! the zap's end (the caller's `madvise` returns to the caller only).
+//! Dooming such ranges for a fixed time was tried: at 500 µs it cut storm
+//! fault rates tenfold. It takes the `madvise` caller being held off the
+//! CPU between the event's read and its zap while a device faults the same
+//! range: under a DONTNEED storm on two busy CPUs, about one 0.5 s storm in
+//! 60 left a stale entry (`tests/strategy.rs` reports them). A device that
+//! reaches memory by physical address pins it (DESIGN §2).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
