@@ -1555,13 +1555,13 @@ impl MmCore {
         if let Ok(r) = VaRange::from_len(page_at, (pages.len() as u64) << PAGE_SHIFT) {
             self.invalidate_range(r, Event::Migrate, None);
         }
-        // Installed without waking, and under the device table's lock until
-        // the slots are gone: the faulting thread may find the page present
-        // before it sleeps and go on at once, and then must not find it
-        // still listed as device memory.
+        // Installed under the device table's lock until the slots are gone:
+        // the faulting thread goes on once its page is present (woken by
+        // the call that places the batch, or finding it present before it
+        // sleeps), and must not find it still listed as device memory.
         let n = pages.len() as u64;
         let mut st = self.dev.lock();
-        let installed = self.install_from_device(page_at, &pages, true);
+        let installed = self.install_from_device(page_at, &pages, false);
         if let Err(e) = &installed {
             drop(st);
             if !matches!(
@@ -1585,6 +1585,8 @@ impl MmCore {
             drop(st);
             drop(freed);
             drop(pages);
+            // Woken by the install.
+            return;
         }
         if let Ok(r) = VaRange::from_len(page_at, n << PAGE_SHIFT) {
             let _ = self.uffd.wake(r);
