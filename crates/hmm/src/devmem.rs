@@ -601,8 +601,8 @@ thread_local! {
 /// Runs `f`; host-storage device pages it frees are discarded together at
 /// the end, one `MADV_DONTNEED` per run of side-by-side pages rather than
 /// one per page, and only then become free. A munmap of a migrated range
-/// frees all its pages at once: 65536 calls for 256 MiB before. Nested
-/// calls join the outermost batch.
+/// frees all its pages at once (one call a page would be 65536 calls for
+/// 256 MiB). Nested calls join the outermost batch.
 pub(crate) fn free_in_batches<R>(f: impl FnOnce() -> R) -> R {
     let outermost = DISCARDS.with(|d| {
         let mut d = d.borrow_mut();
