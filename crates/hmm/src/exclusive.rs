@@ -59,7 +59,7 @@ impl Mm {
                 why: "exclusive access needs a writable mapping",
             });
         }
-        core.register_missing(&vma)?;
+        core.register_missing(&vma, range.start())?;
         crate::os::mm::populate(range, true).map_err(|_| Error::Fault {
             addr: range.start(),
             why: "the page could not be faulted in writable",

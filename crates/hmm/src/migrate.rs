@@ -549,7 +549,7 @@ impl MigrateVma {
             return Ok(());
         };
         // Device pages must fault to the service thread when touched.
-        core.register_missing_locked(&vma)?;
+        core.register_missing_locked(&vma, range.start())?;
         self.writable_vma = vma.flags.contains(VmaFlags::WRITE);
         let npages = range.npages() as usize;
         let mut entries = vec![Entry(0); npages];
@@ -1737,25 +1737,48 @@ impl MmCore {
         }
     }
 
-    /// Registers `vma` whole for MISSING faults (and write-protect mode).
-    pub(crate) fn register_missing(&self, vma: &Vma) -> Result<()> {
+    /// Registers `vma`, the VMA holding `at`, whole for MISSING faults (and
+    /// write-protect mode): whole, so that registering does not split the
+    /// program's mapping (an `mremap` of it must still find one VMA).
+    pub(crate) fn register_missing(&self, vma: &Vma, at: VirtAddr) -> Result<()> {
         let _layout = self.layout_read();
-        self.register_missing_locked(vma)
+        self.register_missing_locked(vma, at)
     }
 
     /// [`Self::register_missing`] for a caller that holds `layout` shared.
-    pub(crate) fn register_missing_locked(&self, vma: &Vma) -> Result<()> {
-        let piece = VaRange::new(vma.start, vma.end)?;
-        match self
-            .uffd
-            .register(piece, RegisterMode::MISSING | RegisterMode::WP)
-        {
-            Ok(_) => {
-                self.note_registered(piece);
-                Ok(())
+    ///
+    /// Another thread may change the layout after `vma` was queried: a
+    /// mapping merged into it unmapped, and a region of another userfaultfd
+    /// (the library's own) mapped there. The kernel then refuses the stale
+    /// extent (`EBUSY` for another context's VMA, `EINVAL` or `ENOMEM` for a
+    /// hole), and the VMA holding `at` is queried again.
+    pub(crate) fn register_missing_locked(&self, vma: &Vma, at: VirtAddr) -> Result<()> {
+        const TRIES: usize = 8;
+        let mut vma = *vma;
+        for _ in 0..TRIES {
+            let piece = VaRange::new(vma.start, vma.end)?;
+            match self
+                .uffd
+                .register(piece, RegisterMode::MISSING | RegisterMode::WP)
+            {
+                Ok(_) => {
+                    self.note_registered(piece);
+                    return Ok(());
+                }
+                Err(Errno::BUSY | Errno::INVAL | Errno::NOMEM) => {
+                    let now = self
+                        .maps
+                        .query(at, false)
+                        .map_err(|e| Error::os("PROCMAP_QUERY", e))?;
+                    match now {
+                        Some(v) if v.start <= at && v.is_private_anon() => vma = v,
+                        _ => return Err(Error::Inval("the mapping changed under the call")),
+                    }
+                }
+                Err(e) => return Err(Error::os("UFFDIO_REGISTER (missing)", e)),
             }
-            Err(e) => Err(Error::os("UFFDIO_REGISTER (missing)", e)),
         }
+        Err(Error::os("UFFDIO_REGISTER (missing)", Errno::BUSY))
     }
 }
 
@@ -1765,4 +1788,39 @@ pub struct NoOps;
 
 impl PagemapOps for NoOps {
     fn page_free(&self, _page: &crate::devmem::PageRef<'_>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::mm::Prot;
+    use crate::os::uffd::{Features, Uffd};
+
+    #[test]
+    fn a_stale_vma_is_queried_again_before_registering() {
+        let mm = crate::Mm::get().expect("mm");
+        let core = mm.core().expect("core").clone();
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Prot::READ | Prot::WRITE).expect("mmap");
+        let stale = core
+            .maps
+            .query(m.addr(), false)
+            .expect("PROCMAP_QUERY")
+            .expect("a VMA");
+        assert!(stale.end >= m.range().end());
+        // Meanwhile the second half goes to another userfaultfd: the VMA
+        // splits, and the queried extent is no longer one VMA of ours.
+        let other = Uffd::open(Features::empty(), true).expect("userfaultfd");
+        other
+            .register(m.pages(2, 2), RegisterMode::WP)
+            .expect("UFFDIO_REGISTER");
+        core.register_missing(&stale, m.addr())
+            .expect("registered after a second query");
+        let now = core
+            .maps
+            .query(m.addr(), false)
+            .expect("PROCMAP_QUERY")
+            .expect("a VMA");
+        assert_eq!(now.end, m.pages(2, 2).start(), "the VMA of `at`, not more");
+        assert!(mm.is_registered(m.pages(0, 2)).expect("smaps"));
+    }
 }
