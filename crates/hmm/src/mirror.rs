@@ -19,6 +19,19 @@
 //! is either mapped to the same memory in both tables or absent from the
 //! device's (the guarantee of the old `hmm.h` header comment).
 //!
+//! With one exception userspace cannot close. The kernel zaps the pages of
+//! an `MADV_DONTNEED` (or `MADV_REMOVE`, `MADV_FREE`) only after the
+//! service thread has read its event, and says nothing when the zap is
+//! done. The service thread notes the pages the zap is about to free, and
+//! a fault treats them, and whatever is faulted in beside them meanwhile,
+//! as absent until the zap has passed; but a discarded range with no
+//! present page when its event is read has no page to tell the zap's end
+//! by, and a device fault in the short window before that zap can install
+//! a frame the zap then frees. The entry names a freed frame until the
+//! next invalidation of the page. A device that reaches memory by virtual
+//! address (as the software device does, fault-safely) is unaffected; one
+//! that uses the PFNs must pin the pages it maps.
+//!
 //! # Two strategies
 //!
 //! That loop is [`Strategy::Sequence`], the kernel's and the default. Any
