@@ -28,9 +28,9 @@
 //! present page when its event is read has no page to tell the zap's end
 //! by, and a device fault in the short window before that zap can install
 //! a frame the zap then frees. The entry names a freed frame until the
-//! next invalidation of the page. A device that reaches memory by virtual
-//! address (as the software device does, fault-safely) is unaffected; one
-//! that uses the PFNs must pin the pages it maps.
+//! page is invalidated or faulted again. A device that reaches memory by
+//! virtual address (as the software device does, fault-safely) is
+//! unaffected; one that uses the PFNs must pin the pages it maps.
 //!
 //! # Two strategies
 //!
