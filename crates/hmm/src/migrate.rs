@@ -881,7 +881,7 @@ impl MigrateVma {
             };
             if !matches!(self.sources[i], Source::Staged) {
                 if let Source::Device(from) = &self.sources[i] {
-                    let mut buf = vec![0u8; PAGE_SIZE as usize];
+                    let mut buf = [0u8; PAGE_SIZE as usize];
                     if let Err(e) = from.read(&mut buf).and_then(|()| page.write(0, &buf)) {
                         warn!("copying device page {:#x}: {e}", from.pfn());
                         self.dests[i] = Dest::None;

@@ -237,7 +237,7 @@ impl Table {
 
     /// Whether nothing is mapped.
     pub fn is_empty(&self) -> bool {
-        self.entries.len() == 0
+        self.entries.is_empty()
     }
 
     /// The mapped pages in `range`, in order.

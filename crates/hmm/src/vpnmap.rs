@@ -65,6 +65,11 @@ impl<T> VpnMap<T> {
         self.len
     }
 
+    /// Whether no page has an entry.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The entry of page `vpn`.
     pub(crate) fn get(&self, vpn: u64) -> Option<&T> {
         let (c, i) = split(vpn);
